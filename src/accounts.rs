@@ -1,0 +1,147 @@
+//! `tokend accounts import`: read a JSON file of linked accounts, check every row, and hand the
+//! store all of them or none.
+
+use std::collections::HashSet;
+
+use secrecy::SecretString;
+use serde_json::Value;
+
+use crate::config::{Config, TokenType};
+use crate::store::NewAccount;
+
+/// Parse and check an import file. On any bad row, every problem is returned, by row index.
+pub fn parse_import(config: &Config, text: &str) -> Result<Vec<NewAccount>, Vec<String>> {
+    let doc: Value =
+        serde_json::from_str(text).map_err(|e| vec![format!("not valid JSON: {e}")])?;
+    let Some(rows) = doc.get("accounts").and_then(Value::as_array) else {
+        return Err(vec![
+            "expected an object with an \"accounts\" array: {\"accounts\":[{\"id\":...}]}".into(),
+        ]);
+    };
+    let mut errors = Vec::new();
+    let mut out = Vec::with_capacity(rows.len());
+    let mut seen = HashSet::new();
+    for (i, row) in rows.iter().enumerate() {
+        let label = row
+            .get("id")
+            .and_then(Value::as_str)
+            .map(|id| format!("row {i} (id {id:?})"))
+            .unwrap_or_else(|| format!("row {i}"));
+        match parse_row(config, row) {
+            Ok(a) => {
+                if !seen.insert(a.id.clone()) {
+                    errors.push(format!("{label}: duplicate id in this file"));
+                } else {
+                    out.push(a);
+                }
+            }
+            Err(e) => errors.push(format!("{label}: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
+    let obj = row.as_object().ok_or("not a JSON object")?;
+    const KNOWN: [&str; 8] = [
+        "id",
+        "profile",
+        "token_type",
+        "access_token",
+        "refresh_token",
+        "expires_at",
+        "scopes",
+        "scope",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?}"));
+    }
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(format!("{key} must be a string or null")),
+        }
+    };
+    let id = text("id")?.ok_or("missing id")?;
+    if id.is_empty() || id.trim() != id {
+        return Err("id must be non-empty without leading or trailing whitespace".into());
+    }
+    let profile = match text("profile")? {
+        Some(name) => {
+            let p = config
+                .profile(&name)
+                .ok_or_else(|| format!("unknown profile {name:?}"))?;
+            Some(p.name.clone())
+        }
+        None if config.profiles.len() == 1 => Some(config.profiles[0].name.clone()),
+        None => {
+            return Err(format!(
+                "profile is required: the config has {} profiles",
+                config.profiles.len()
+            ));
+        }
+    };
+    let default_type = profile
+        .as_deref()
+        .and_then(|p| config.profile(p))
+        .map(|p| p.token_type)
+        .unwrap_or(TokenType::User);
+    let token_type = match text("token_type")? {
+        None => default_type,
+        Some(t) => TokenType::parse(&t)
+            .ok_or_else(|| format!("token_type {t:?} is not \"user\" or \"company\""))?,
+    };
+    let access = text("access_token")?.filter(|s| !s.is_empty());
+    let refresh = text("refresh_token")?.filter(|s| !s.is_empty());
+    let expires_at = match obj.get("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .filter(|t| *t > 0 && *t < 253_402_300_800)
+                .ok_or("expires_at must be a unix time in seconds")?,
+        ),
+    };
+    match token_type {
+        TokenType::User => {
+            if refresh.is_none() {
+                return Err("a user token needs a refresh_token".into());
+            }
+            if access.is_none() {
+                return Err("a user token needs an access_token".into());
+            }
+            if expires_at.is_none() {
+                return Err("a user token needs expires_at".into());
+            }
+        }
+        TokenType::Company => {
+            if access.is_none() {
+                return Err("a company token needs an access_token".into());
+            }
+        }
+    }
+    let scopes = match obj.get("scopes").or_else(|| obj.get("scope")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(a)) => Some(
+            a.iter()
+                .map(|v| v.as_str().ok_or("scopes must be strings"))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(" "),
+        ),
+        Some(_) => return Err("scopes must be a string or an array of strings".into()),
+    };
+    Ok(NewAccount {
+        id,
+        profile,
+        token_type: token_type.as_str().to_owned(),
+        access_token: access.map(SecretString::from),
+        refresh_token: refresh.map(SecretString::from),
+        expires_at,
+        scopes,
+    })
+}

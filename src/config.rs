@@ -1,0 +1,609 @@
+//! Configuration: one TOML file, loaded and validated by [`Config::load`].
+//!
+//! Every error names the file, the key and, where the TOML parser knows it, the line, and says what
+//! would be right. Secrets are resolved at load time (file, environment variable, or systemd
+//! credential) and kept in [`secrecy::SecretString`], whose `Debug` prints nothing.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+pub const PRODUCTION_BASE_URL: &str = "https://api.factorialhr.com";
+pub const SANDBOX_BASE_URL: &str = "https://api.demo.factorialhr.dev";
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn at(path: &Path, line: Option<usize>, msg: impl fmt::Display) -> Self {
+        match line {
+            Some(line) => ConfigError(format!("{}:{line}: {msg}", path.display())),
+            None => ConfigError(format!("{}: {msg}", path.display())),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub profiles: Vec<Profile>,
+    /// Non-fatal findings (an inline secret, for instance), logged once tracing is up.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: DaemonConfig,
+    #[serde(default, rename = "profile")]
+    profiles: Vec<RawProfile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// SQLite database holding the linked accounts.
+    pub database: PathBuf,
+    /// JSON health file, rewritten atomically.
+    pub health_file: PathBuf,
+    /// Refresh a user token this long before it expires.
+    pub refresh_lead: Dur,
+    /// Spread refreshes randomly over up to this much extra lead.
+    pub refresh_jitter: Dur,
+    pub max_concurrent_refreshes: NonZeroUsize,
+    pub http_connect_timeout: Dur,
+    /// Whole-request timeout (connect, send, and read the body).
+    pub http_timeout: Dur,
+    /// Largest token response body accepted, in bytes.
+    pub max_response_bytes: NonZeroUsize,
+    pub log_level: LogLevel,
+    pub log_format: LogFormat,
+    /// How long in-flight work may take to finish on SIGTERM.
+    pub shutdown_timeout: Dur,
+    /// Heartbeat of the health file.
+    pub health_interval: Dur,
+    /// How long a claim on an account lasts; another instance may take it over after this.
+    pub lease: Dur,
+    /// First retry delay after a transient failure; doubles up to `retry_max`.
+    pub retry_initial: Dur,
+    pub retry_max: Dur,
+    /// Factorial refresh tokens die after this long unused.
+    pub refresh_token_lifetime: Dur,
+    /// Report an account at risk this long before its refresh token's lifetime ends.
+    pub refresh_token_margin: Dur,
+    /// Six-field cron expression (with seconds, UTC) for company-token revocation checks.
+    pub revocation_schedule: String,
+    /// A "dead" probe answer is confirmed by a second probe this much later (at least 30s).
+    pub revocation_confirm_delay: Dur,
+    /// Spacing between two revocation probes to the same profile (its request rate limit).
+    pub probe_interval: Dur,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            database: PathBuf::from("/var/lib/tokend/tokend.db"),
+            health_file: PathBuf::from("/run/tokend/health.json"),
+            refresh_lead: Dur::from_secs(600),
+            refresh_jitter: Dur::from_secs(120),
+            max_concurrent_refreshes: NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
+            http_connect_timeout: Dur::from_secs(5),
+            http_timeout: Dur::from_secs(15),
+            max_response_bytes: NonZeroUsize::new(64 * 1024).unwrap_or(NonZeroUsize::MIN),
+            log_level: LogLevel::Info,
+            log_format: LogFormat::Text,
+            shutdown_timeout: Dur::from_secs(20),
+            health_interval: Dur::from_secs(30),
+            lease: Dur::from_secs(60),
+            retry_initial: Dur::from_secs(10),
+            retry_max: Dur::from_secs(600),
+            refresh_token_lifetime: Dur::from_secs(7 * 86_400),
+            refresh_token_margin: Dur::from_secs(86_400),
+            revocation_schedule: "0 */15 * * * *".to_owned(),
+            revocation_confirm_delay: Dur::from_secs(30),
+            probe_interval: Dur(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenType {
+    User,
+    Company,
+}
+
+impl TokenType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenType::User => "user",
+            TokenType::Company => "company",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TokenType> {
+        match s {
+            "user" => Some(TokenType::User),
+            "company" => Some(TokenType::Company),
+            _ => None,
+        }
+    }
+}
+
+/// How a company token is checked for revocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// `GET {base}/oauth/token/info` with the token as Bearer.
+    TokenInfo,
+    /// RFC 7662 `POST {base}/oauth/introspect` with client credentials.
+    Introspect,
+    /// `GET probe_url` with the token as Bearer; 401 means dead.
+    Url,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: toml::Spanned<String>,
+    #[serde(default = "default_environment")]
+    environment: Environment,
+    #[serde(default)]
+    base_url: Option<HttpUrl>,
+    client_id: String,
+    #[serde(default)]
+    client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    client_secret_env: Option<String>,
+    #[serde(default)]
+    client_secret_credential: Option<String>,
+    #[serde(default)]
+    client_secret: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default = "default_token_type")]
+    token_type: TokenType,
+    #[serde(default = "default_probe")]
+    probe: ProbeKind,
+    #[serde(default)]
+    probe_url: Option<HttpUrl>,
+}
+
+fn default_environment() -> Environment {
+    Environment::Production
+}
+fn default_token_type() -> TokenType {
+    TokenType::User
+}
+fn default_probe() -> ProbeKind {
+    ProbeKind::TokenInfo
+}
+
+/// A connector profile: one OAuth application at Factorial.
+#[derive(Clone)]
+pub struct Profile {
+    pub name: String,
+    pub environment: Environment,
+    /// Base URL without a trailing slash.
+    pub base_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scopes: Vec<String>,
+    pub token_type: TokenType,
+    pub probe: ProbeKind,
+    pub probe_url: Option<String>,
+}
+
+impl fmt::Debug for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Profile")
+            .field("name", &self.name)
+            .field("environment", &self.environment)
+            .field("base_url", &self.base_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("scopes", &self.scopes)
+            .field("token_type", &self.token_type)
+            .field("probe", &self.probe)
+            .finish()
+    }
+}
+
+impl Profile {
+    /// A fingerprint of everything that affects requests, so a reload can tell whether the
+    /// profile changed (and a paused profile should be retried) without comparing secrets in
+    /// the clear.
+    pub fn fingerprint(&self) -> u64 {
+        use secrecy::ExposeSecret;
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.base_url.hash(&mut h);
+        self.client_id.hash(&mut h);
+        self.client_secret.expose_secret().hash(&mut h);
+        self.scopes.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// A duration written as `30s`, `10m`, `2h`, `7d`, `500ms` or a sum such as `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn from_secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+    pub fn as_secs_i64(self) -> i64 {
+        i64::try_from(self.0.as_secs()).unwrap_or(i64::MAX)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.checked_mul(60)?),
+            "h" => Duration::from_secs(n.checked_mul(3600)?),
+            "d" => Duration::from_secs(n.checked_mul(86_400)?),
+            _ => return None,
+        };
+        total = total.checked_add(part)?;
+    }
+    // Anything beyond ten years is a typo, not a schedule.
+    (total <= Duration::from_secs(10 * 365 * 86_400)).then_some(total)
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: write a number with a unit, e.g. \"30s\", \"10m\", \"2h\", \"7d\" or \"1h30m\""
+            ))
+        })
+    }
+}
+
+/// An absolute `http` or `https` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(pub String);
+
+impl<'de> Deserialize<'de> for HttpUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match reqwest::Url::parse(&s) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
+                Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid URL {s:?}: expected an absolute http(s) URL such as \"https://api.factorialhr.com\""
+            ))),
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::at(path, None, format!("cannot read the config file: {e}"))
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parse and validate `text` as if read from `path` (which is only used in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(path, text, true)
+    }
+
+    /// Load without reading client secrets, for commands that never talk to the provider
+    /// (`status`, `accounts`, `token`) and may run without access to them.
+    pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::at(path, None, format!("cannot read the config file: {e}"))
+        })?;
+        Config::parse_with(path, &text, false)
+    }
+
+    fn parse_with(path: &Path, text: &str, resolve_secrets: bool) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let msg = e.message().trim().to_owned();
+            let context = line
+                .and_then(|l| text.lines().nth(l - 1))
+                .map(|l| format!(" (at `{}`)", l.trim()))
+                .unwrap_or_default();
+            ConfigError::at(path, line, format!("{msg}{context}"))
+        })?;
+        validate(path, text, raw, resolve_secrets)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn validate(
+    path: &Path,
+    text: &str,
+    raw: RawConfig,
+    resolve_secrets: bool,
+) -> Result<Config, ConfigError> {
+    let d = &raw.daemon;
+    let mut warnings = Vec::new();
+    let daemon_err = |key: &str, msg: &str| {
+        let line = find_key_line(text, key);
+        ConfigError::at(path, line, format!("daemon.{key}: {msg}"))
+    };
+    if d.refresh_lead.get() < Duration::from_secs(1) {
+        return Err(daemon_err("refresh_lead", "must be at least 1s"));
+    }
+    if d.retry_initial.get().is_zero() || d.retry_max < d.retry_initial {
+        return Err(daemon_err(
+            "retry_max",
+            "retry_initial must be above zero and retry_max at least retry_initial",
+        ));
+    }
+    if d.http_timeout.get().is_zero() || d.http_connect_timeout.get().is_zero() {
+        return Err(daemon_err("http_timeout", "timeouts must be above zero"));
+    }
+    if d.lease.get() <= d.http_timeout.get() {
+        return Err(daemon_err(
+            "lease",
+            "must be longer than http_timeout, or a claim could lapse while its request is in flight",
+        ));
+    }
+    if d.health_interval.get() < Duration::from_secs(1) {
+        return Err(daemon_err("health_interval", "must be at least 1s"));
+    }
+    if d.refresh_token_margin >= d.refresh_token_lifetime {
+        return Err(daemon_err(
+            "refresh_token_margin",
+            "must be shorter than refresh_token_lifetime",
+        ));
+    }
+    if tokio_cron_scheduler::Job::new_async(d.revocation_schedule.as_str(), |_, _| {
+        Box::pin(async {})
+    })
+    .is_err()
+    {
+        return Err(daemon_err(
+            "revocation_schedule",
+            &format!(
+                "invalid cron expression {:?}: use six fields with seconds, e.g. \"0 */15 * * * *\"",
+                d.revocation_schedule
+            ),
+        ));
+    }
+    if d.revocation_confirm_delay.get() < Duration::from_secs(30) {
+        return Err(daemon_err(
+            "revocation_confirm_delay",
+            "must be at least 30s, so one bad answer cannot revoke an account",
+        ));
+    }
+    if raw.profiles.is_empty() {
+        return Err(ConfigError::at(
+            path,
+            None,
+            "no [[profile]] defined: add at least one connector profile with name, client_id and a client secret source",
+        ));
+    }
+
+    let mut names = HashSet::new();
+    let mut profiles = Vec::with_capacity(raw.profiles.len());
+    for p in raw.profiles {
+        let line = Some(line_of(text, p.name.span().start));
+        let name = p.name.into_inner();
+        let perr = |key: &str, msg: String| {
+            ConfigError::at(path, line, format!("profile {name:?}: {key}: {msg}"))
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(perr(
+                "name",
+                "must be non-empty and use only letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(perr(
+                "name",
+                "duplicate profile name: each [[profile]] needs its own name".into(),
+            ));
+        }
+        if p.client_id.trim().is_empty() {
+            return Err(perr("client_id", "must not be empty".into()));
+        }
+        let sources = [
+            p.client_secret_file.is_some(),
+            p.client_secret_env.is_some(),
+            p.client_secret_credential.is_some(),
+            p.client_secret.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if sources != 1 {
+            return Err(perr(
+                "client_secret_file",
+                format!(
+                    "give exactly one client secret source (client_secret_file, client_secret_env, client_secret_credential or client_secret); found {sources}"
+                ),
+            ));
+        }
+        let secret = if !resolve_secrets {
+            "unresolved".to_owned()
+        } else if let Some(file) = &p.client_secret_file {
+            read_secret_file(file).map_err(|e| perr("client_secret_file", e))?
+        } else if let Some(var) = &p.client_secret_env {
+            std::env::var(var).map_err(|_| {
+                perr(
+                    "client_secret_env",
+                    format!("environment variable {var:?} is not set (or not UTF-8)"),
+                )
+            })?
+        } else if let Some(cred) = &p.client_secret_credential {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                perr(
+                    "client_secret_credential",
+                    "CREDENTIALS_DIRECTORY is not set: this source works under systemd with LoadCredential=".into(),
+                )
+            })?;
+            if cred.contains('/') || cred.is_empty() {
+                return Err(perr(
+                    "client_secret_credential",
+                    "must be a credential name, not a path".into(),
+                ));
+            }
+            read_secret_file(&Path::new(&dir).join(cred))
+                .map_err(|e| perr("client_secret_credential", e))?
+        } else {
+            warnings.push(format!(
+                "{}: profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential",
+                path.display()
+            ));
+            p.client_secret.clone().unwrap_or_default()
+        };
+        if secret.trim().is_empty() {
+            return Err(perr("client_secret", "the client secret is empty".into()));
+        }
+        if p.probe == ProbeKind::Url && p.probe_url.is_none() {
+            return Err(perr(
+                "probe_url",
+                "probe = \"url\" needs probe_url = \"https://...\"".into(),
+            ));
+        }
+        let base_url = match (&p.base_url, p.environment) {
+            (Some(u), _) => u.0.clone(),
+            (None, Environment::Production) => PRODUCTION_BASE_URL.to_owned(),
+            (None, Environment::Sandbox) => SANDBOX_BASE_URL.to_owned(),
+        };
+        profiles.push(Profile {
+            name,
+            environment: p.environment,
+            base_url,
+            client_id: p.client_id,
+            client_secret: SecretString::from(secret.trim().to_owned()),
+            scopes: p.scopes,
+            token_type: p.token_type,
+            probe: p.probe,
+            probe_url: p.probe_url.map(|u| u.0),
+        });
+    }
+    Ok(Config {
+        path: path.to_owned(),
+        daemon: raw.daemon,
+        profiles,
+        warnings,
+    })
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+/// The line of `key = ...` in the file, for errors found after parsing.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+impl Config {
+    pub fn profile(&self, name: &str) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("10x"), None);
+        assert_eq!(parse_duration(""), None);
+        assert_eq!(parse_duration("99999999999999999999d"), None);
+    }
+}

@@ -1,0 +1,670 @@
+//! The refresh engine: sleeps until the next account is due, claims due accounts from the store
+//! (a lease recorded in the database), refreshes them with bounded concurrency, and writes each
+//! outcome back through the store before doing anything else with it.
+//!
+//! One account's problem never stops the others: a bad row becomes `invalid`, a dead grant
+//! `needs_reauth`, a profile with a wrong secret is paused as a whole, transient failures back off.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use secrecy::ExposeSecret;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, DaemonConfig, Profile, TokenType};
+use crate::provider::{Grant, Provider, RefreshError};
+use crate::state::State;
+use crate::store::{Account, Applied, NewTokens, Store, Update};
+
+/// How often the engine asks SQLite whether another program committed (new or relinked rows).
+pub const CHANGE_POLL: Duration = Duration::from_secs(1);
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The configuration in force and the client built from it; swapped whole on reload.
+pub struct Runtime {
+    pub config: Config,
+    pub provider: Provider,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> anyhow::Result<Runtime> {
+        let provider = Provider::new(&config.daemon)?;
+        Ok(Runtime { config, provider })
+    }
+}
+
+/// What the engine has done since start, for the health file and `STATUS=`.
+#[derive(Default)]
+pub struct Stats {
+    pub refreshes_ok: AtomicU64,
+    pub refreshes_failed: AtomicU64,
+    pub probes_ok: AtomicU64,
+    pub probes_failed: AtomicU64,
+    /// Bumped whenever the engine gets through a loop turn: the watchdog's proof of progress.
+    pub heartbeat: AtomicU64,
+    pub store_unwritable: AtomicBool,
+    pub last_errors: Mutex<HashMap<&'static str, (String, i64)>>,
+    pub store_error: Mutex<Option<String>>,
+}
+
+impl Stats {
+    pub fn record_error(&self, kind: &'static str, msg: &str) {
+        if let Ok(mut m) = self.last_errors.lock() {
+            m.insert(kind, (msg.to_owned(), unix_now()));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PausedProfile {
+    fingerprint: u64,
+    retry_at: i64,
+    backoff: Duration,
+    reason: String,
+    /// One request may go out to find out whether the profile works again.
+    probe_allowed: bool,
+}
+
+fn pause_backoff_initial(d: &DaemonConfig) -> Duration {
+    d.retry_initial.get().max(Duration::from_secs(30))
+}
+
+/// Shared between the loop and its per-account tasks.
+pub struct Engine {
+    store: Store,
+    runtime: watch::Receiver<Arc<Runtime>>,
+    owner: String,
+    pub stats: Arc<Stats>,
+    /// Rung on every state change, for the health writer.
+    pub changed: Arc<Notify>,
+    wake: Notify,
+    paused: Mutex<HashMap<String, PausedProfile>>,
+    at_risk_logged: Mutex<HashSet<String>>,
+}
+
+impl Engine {
+    pub fn new(store: Store, runtime: watch::Receiver<Arc<Runtime>>, owner: String) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            runtime,
+            owner,
+            stats: Arc::new(Stats::default()),
+            changed: Arc::new(Notify::new()),
+            wake: Notify::new(),
+            paused: Mutex::new(HashMap::new()),
+            at_risk_logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn rt(&self) -> Arc<Runtime> {
+        self.runtime.borrow().clone()
+    }
+
+    /// The configuration and client in force now.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.rt()
+    }
+
+    /// Profiles paused for misconfiguration, with the reason.
+    pub fn paused_profiles(&self) -> Vec<(String, String)> {
+        self.paused
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.reason.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wake the loop (a reload, a resumed profile).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The engine loop. Returns once `shutdown` fires and every in-flight refresh has been
+    /// committed (or `hard_stop` fires first).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, hard_stop: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let mut limit = self.rt().config.daemon.max_concurrent_refreshes.get();
+        let permits = Arc::new(Semaphore::new(limit));
+        let mut runtime = self.runtime.clone();
+        let mut data_version = self.store.data_version().await.ok();
+        let mut last_change_poll = Instant::now();
+        loop {
+            self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let rt = self.rt();
+            let want = rt.config.daemon.max_concurrent_refreshes.get();
+            if want > limit {
+                permits.add_permits(want - limit);
+                limit = want;
+            } else if want < limit {
+                limit -= permits.forget_permits(limit - want);
+            }
+            self.resume_due_profiles(&rt.config).await;
+
+            let now = unix_now();
+            let free = permits.available_permits();
+            let mut claimed_all = false;
+            if free > 0 && !self.stats.store_unwritable.load(Ordering::Relaxed) {
+                let lease_until = now + rt.config.daemon.lease.as_secs_i64();
+                match self
+                    .store
+                    .claim_due(now, free, &self.owner, lease_until)
+                    .await
+                {
+                    Ok(accounts) => {
+                        claimed_all = accounts.len() == free;
+                        for account in accounts {
+                            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                // Cannot happen (we claimed no more than were free); give it back.
+                                let _ = self.store.release(&account.id, &self.owner).await;
+                                continue;
+                            };
+                            let engine = self.clone();
+                            let hard = hard_stop.clone();
+                            tracker.spawn(async move {
+                                engine.process(account, &hard).await;
+                                drop(permit);
+                                engine.wake.notify_one();
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot claim due accounts");
+                        self.stats.record_error("store", &e.to_string());
+                    }
+                }
+            }
+
+            // Sleep until the next due time, a freed slot (if work is waiting), a change by
+            // another program (polled cheaply), a reload, or shutdown.
+            let next = if claimed_all {
+                None
+            } else {
+                self.store.next_due().await.ok().flatten()
+            };
+            let now = unix_now();
+            let until_due = match next {
+                Some(t) if t <= now && !claimed_all && permits.available_permits() > 0 => {
+                    // Due but leased by another instance or just released: look again soon.
+                    Duration::from_millis(200)
+                }
+                Some(t) => Duration::from_secs((t - now).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            let poll_in = CHANGE_POLL.saturating_sub(last_change_poll.elapsed());
+            let sleep = until_due.min(poll_in).max(Duration::from_millis(20));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+                _ = runtime.changed() => {}
+            }
+            if last_change_poll.elapsed() >= CHANGE_POLL {
+                last_change_poll = Instant::now();
+                let v = self.store.data_version().await.ok();
+                if v != data_version {
+                    data_version = v;
+                    tracing::debug!("database changed by another connection");
+                }
+            }
+        }
+        tracker.close();
+        tokio::select! {
+            _ = tracker.wait() => {}
+            _ = hard_stop.cancelled() => {
+                tracing::warn!("shutdown timeout reached with refreshes still in flight");
+            }
+        }
+    }
+
+    /// When a paused profile's retry time comes, or its config changed, let one of its accounts
+    /// try again.
+    async fn resume_due_profiles(&self, config: &Config) {
+        let now = unix_now();
+        let due: Vec<String> = {
+            let Ok(mut paused) = self.paused.lock() else {
+                return;
+            };
+            // A profile that left the config no longer pauses anything.
+            paused.retain(|name, _| config.profile(name).is_some());
+            paused
+                .iter_mut()
+                .filter_map(|(name, p)| {
+                    let fingerprint = config.profile(name)?.fingerprint();
+                    let changed = fingerprint != p.fingerprint;
+                    if !changed && (p.retry_at > now || p.probe_allowed) {
+                        return None;
+                    }
+                    if changed {
+                        p.fingerprint = fingerprint;
+                        p.backoff = pause_backoff_initial(&config.daemon);
+                    }
+                    p.retry_at = now + p.backoff.as_secs() as i64;
+                    p.backoff = (p.backoff * 2).min(config.daemon.retry_max.get().max(p.backoff));
+                    p.probe_allowed = true;
+                    Some(name.clone())
+                })
+                .collect()
+        };
+        for name in due {
+            let is_default = config.profiles.len() == 1;
+            match self
+                .store
+                .resume_profile(&name, is_default, "profile retried", now, Some(1))
+                .await
+            {
+                Ok(n) if n > 0 => {
+                    tracing::info!(profile = %name, "retrying paused profile with one account");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(profile = %name, error = %e, "cannot resume profile"),
+            }
+        }
+    }
+
+    /// Handle one claimed account from start to committed outcome.
+    async fn process(&self, account: Account, hard_stop: &CancellationToken) {
+        let rt = self.rt();
+        let now = unix_now();
+        let update = self.decide(&rt, &account, now).await;
+        let Some(update) = update else {
+            return;
+        };
+        self.commit(update, hard_stop).await;
+    }
+
+    /// Commit an outcome; if the store cannot write, keep it and try again until it can.
+    pub async fn commit(&self, update: Update, hard_stop: &CancellationToken) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.store.apply(update.clone(), &self.owner).await {
+                Ok(Applied::Yes) => {
+                    if self.stats.store_unwritable.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the store accepts writes again");
+                        if let Ok(mut e) = self.stats.store_error.lock() {
+                            *e = None;
+                        }
+                        self.wake.notify_one();
+                    }
+                    if update.from != Some(update.to) {
+                        log_transition(&update);
+                        self.changed.notify_one();
+                    }
+                    return;
+                }
+                Ok(Applied::Stale) => {
+                    tracing::warn!(
+                        account_id = %update.id,
+                        "account changed by another program while being handled; its new row wins"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    if !self.stats.store_unwritable.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, "the store cannot write; holding outcomes in memory and retrying");
+                        self.changed.notify_one();
+                    }
+                    if let Ok(mut m) = self.stats.store_error.lock() {
+                        *m = Some(e.to_string());
+                    }
+                    self.stats.record_error("store", &e.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = hard_stop.cancelled() => {
+                            tracing::error!(account_id = %update.id, "giving up an uncommitted outcome at forced stop");
+                            return;
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Judge the row, act on it, and say what to write back.
+    async fn decide(&self, rt: &Runtime, a: &Account, now: i64) -> Option<Update> {
+        let d = &rt.config.daemon;
+        let prior = State::parse(&a.state);
+        let base = |to: State, reason: Option<String>, next: Option<i64>| Update {
+            id: a.id.clone(),
+            revision: a.revision,
+            from: prior,
+            to,
+            reason,
+            tokens: None,
+            next_action_at: next,
+            failures: 0,
+            last_error: None,
+            checked_at: None,
+            now,
+        };
+        let (profile, token_type) = match validate(&rt.config, a, now) {
+            Ok(v) => v,
+            Err(reason) => {
+                return Some(base(State::Invalid, Some(reason.clone()), None).with_error(reason));
+            }
+        };
+        let relinked = prior.is_none_or(State::is_terminal);
+        if token_type == TokenType::Company {
+            // Company tokens never expire; the revocation checks look after them.
+            let reason = relinked.then(|| "company token linked".to_owned());
+            let to = if prior == Some(State::Failing) {
+                State::Failing
+            } else {
+                State::Active
+            };
+            return Some(base(to, reason, None));
+        }
+        if !self.may_request(&profile.name) {
+            return Some(base(State::Paused, Some("profile is paused".into()), None));
+        }
+
+        // Refresh-token age: past its lifetime the grant is dead, so no request is wasted.
+        let issued = a.refresh_issued_at.filter(|t| *t > 0 && *t <= now + 86_400);
+        if let Some(issued) = issued {
+            let age = now - issued;
+            if age >= d.refresh_token_lifetime.as_secs_i64() {
+                let reason = format!(
+                    "refresh token is {}h old, past its {}h lifetime",
+                    age / 3600,
+                    d.refresh_token_lifetime.as_secs_i64() / 3600
+                );
+                return Some(
+                    base(State::NeedsReauth, Some(reason.clone()), None).with_error(reason),
+                );
+            }
+            if age
+                >= (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64
+                && self
+                    .at_risk_logged
+                    .lock()
+                    .is_ok_and(|mut s| s.insert(a.id.clone()))
+            {
+                tracing::warn!(account_id = %a.id, profile = %profile.name, age_hours = age / 3600,
+                    "refresh token nears the end of its lifetime; the account will need reauthorisation unless it refreshes");
+            }
+        }
+
+        let expires_at = a.expires_at.filter(|e| *e > 0 && *e < now + 366 * 86_400);
+        let due = expires_at.map(|e| due_time(e, d)).unwrap_or(now);
+        let has_access = a
+            .access_token
+            .as_ref()
+            .is_some_and(|t| !t.expose_secret().is_empty());
+        if due > now && has_access {
+            // Not yet due (a new or relinked row, or a stale wake-up): schedule it.
+            let to = if prior == Some(State::Failing) {
+                State::Failing
+            } else {
+                State::Active
+            };
+            let reason = relinked.then(|| "new grant written".to_owned());
+            let mut u = base(to, reason, Some(due));
+            u.failures = a.failures;
+            return Some(u);
+        }
+
+        let refresh_token = a.refresh_token.clone()?;
+        let started = Instant::now();
+        let result = rt.provider.refresh(profile, &refresh_token, now).await;
+        let latency_ms = started.elapsed().as_millis() as u64;
+        let now = unix_now();
+        Some(match result {
+            Ok(grant) => {
+                self.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                if self.unpause(&profile.name) {
+                    self.resume_profile_all(&rt.config, &profile.name, now)
+                        .await;
+                }
+                self.at_risk_logged.lock().map(|mut s| s.remove(&a.id)).ok();
+                let next = due_time(grant.expires_at, d);
+                tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "refreshed",
+                    latency_ms, expires_at = grant.expires_at, next_action_at = next, "refresh");
+                let reason = (prior != Some(State::Active)).then(|| "refreshed".to_owned());
+                let mut u = base(State::Active, reason, Some(next));
+                u.tokens = Some(new_tokens(grant, now));
+                u
+            }
+            Err(RefreshError::InvalidGrant(desc)) => {
+                self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("invalid_grant: {desc}");
+                self.stats.record_error("refresh", &reason);
+                tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "invalid_grant",
+                    latency_ms, "refresh");
+                base(
+                    State::NeedsReauth,
+                    Some("the provider rejected the grant (invalid_grant)".into()),
+                    None,
+                )
+                .with_error(reason)
+            }
+            Err(RefreshError::Misconfigured { code, description }) => {
+                self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("profile {}: {code}: {description}", profile.name);
+                self.stats.record_error("profile", &reason);
+                tracing::info!(account_id = %a.id, profile = %profile.name, outcome = %code,
+                    latency_ms, "refresh");
+                self.pause_profile(&rt.config, profile, &reason, now).await;
+                let mut u = base(State::Paused, Some(reason.clone()), None).with_error(reason);
+                u.failures = a.failures;
+                u
+            }
+            Err(RefreshError::Transient {
+                reason,
+                retry_after,
+            }) => {
+                self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.record_error("refresh", &reason);
+                let failures = a.failures.saturating_add(1);
+                let delay = backoff(d, failures).max(retry_after.unwrap_or_default());
+                let next = now + delay.as_secs().max(1) as i64;
+                let left = expires_at.map(|e| e - now);
+                tracing::warn!(account_id = %a.id, profile = %profile.name, outcome = "transient",
+                    error = %reason, latency_ms, failures, expires_in_s = left, next_action_at = next,
+                    "refresh failed; will retry");
+                let mut u =
+                    base(State::Failing, Some(reason.clone()), Some(next)).with_error(reason);
+                u.failures = failures;
+                u
+            }
+        })
+    }
+
+    /// Whether a request may go to `profile`: always unless it is paused, and then once per
+    /// retry (the probe that finds out whether it works again).
+    fn may_request(&self, profile: &str) -> bool {
+        let Ok(mut m) = self.paused.lock() else {
+            return false;
+        };
+        match m.get_mut(profile) {
+            None => true,
+            Some(p) => std::mem::take(&mut p.probe_allowed),
+        }
+    }
+
+    /// Returns whether the profile was paused.
+    fn unpause(&self, profile: &str) -> bool {
+        self.paused
+            .lock()
+            .is_ok_and(|mut m| m.remove(profile).is_some())
+    }
+
+    async fn pause_profile(&self, config: &Config, profile: &Profile, reason: &str, now: i64) {
+        let newly = {
+            let Ok(mut m) = self.paused.lock() else {
+                return;
+            };
+            let fingerprint = profile.fingerprint();
+            let initial = pause_backoff_initial(&config.daemon);
+            let fresh = !m.contains_key(&profile.name);
+            let entry = m.entry(profile.name.clone()).or_insert(PausedProfile {
+                fingerprint,
+                retry_at: now + initial.as_secs() as i64,
+                backoff: initial,
+                reason: reason.to_owned(),
+                probe_allowed: false,
+            });
+            entry.reason = reason.to_owned();
+            fresh
+        };
+        if newly {
+            tracing::error!(profile = %profile.name, error = %reason,
+                "profile misconfigured: pausing its accounts until it works again (they are not marked needs_reauth)");
+        }
+        let is_default = config.profiles.len() == 1;
+        match self
+            .store
+            .pause_profile(&profile.name, is_default, reason, now)
+            .await
+        {
+            Ok(n) if n > 0 => {
+                self.changed.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(profile = %profile.name, error = %e, "cannot pause profile accounts")
+            }
+        }
+    }
+
+    async fn resume_profile_all(&self, config: &Config, profile: &str, now: i64) {
+        let is_default = config.profiles.len() == 1;
+        match self
+            .store
+            .resume_profile(profile, is_default, "profile works again", now, None)
+            .await
+        {
+            Ok(n) => {
+                tracing::info!(profile = %profile, accounts = n, "profile works again; its accounts resume");
+                self.changed.notify_one();
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(profile = %profile, error = %e, "cannot resume profile accounts")
+            }
+        }
+    }
+}
+
+trait WithError {
+    fn with_error(self, e: String) -> Self;
+}
+
+impl WithError for Update {
+    fn with_error(mut self, e: String) -> Self {
+        self.last_error = Some(e);
+        self
+    }
+}
+
+fn new_tokens(grant: Grant, now: i64) -> NewTokens {
+    let rotated = grant.refresh_token.is_some();
+    NewTokens {
+        access_token: grant.access_token,
+        // No refresh_token in the answer: keep the one we have (COALESCE in the store).
+        refresh_token: grant.refresh_token,
+        expires_at: grant.expires_at,
+        refresh_issued_at: rotated.then_some(now),
+        scopes: grant.scopes,
+    }
+}
+
+/// When to refresh a token expiring at `expires_at`: `lead` plus up to `jitter` before it.
+pub fn due_time(expires_at: i64, d: &DaemonConfig) -> i64 {
+    let jitter = d.refresh_jitter.as_secs_i64();
+    let spread = if jitter > 0 {
+        fastrand::i64(0..=jitter)
+    } else {
+        0
+    };
+    expires_at - d.refresh_lead.as_secs_i64() - spread
+}
+
+/// Exponential backoff with full jitter between half and all of the step.
+pub fn backoff(d: &DaemonConfig, failures: u32) -> Duration {
+    let initial = d.retry_initial.get().as_secs_f64();
+    let step = initial * 2f64.powi(failures.saturating_sub(1).min(30) as i32);
+    let capped = step.min(d.retry_max.get().as_secs_f64());
+    Duration::from_secs_f64(capped * (0.5 + fastrand::f64() * 0.5))
+}
+
+/// Check a row written by another program. The reason says what is wrong, for the operator.
+pub fn validate<'c>(
+    config: &'c Config,
+    a: &Account,
+    _now: i64,
+) -> Result<(&'c Profile, TokenType), String> {
+    if a.id.is_empty() || a.id.trim() != a.id {
+        return Err("id is empty or has leading/trailing whitespace".into());
+    }
+    let token_type = TokenType::parse(&a.token_type).ok_or_else(|| {
+        format!(
+            "unknown token_type {:?}: use \"user\" or \"company\"",
+            a.token_type
+        )
+    })?;
+    let profile = match a.profile.as_deref() {
+        None | Some("") if config.profiles.len() == 1 => &config.profiles[0],
+        None | Some("") => {
+            return Err(format!(
+                "no profile named, and the config has {} profiles",
+                config.profiles.len()
+            ));
+        }
+        Some(name) => config
+            .profile(name)
+            .ok_or_else(|| format!("unknown profile {name:?}"))?,
+    };
+    let empty = |t: &Option<secrecy::SecretString>| {
+        t.as_ref()
+            .is_none_or(|s| s.expose_secret().trim().is_empty())
+    };
+    match token_type {
+        TokenType::User if empty(&a.refresh_token) => {
+            Err("user token without a refresh_token".into())
+        }
+        TokenType::Company if empty(&a.access_token) => {
+            Err("company token without an access_token".into())
+        }
+        _ => Ok((profile, token_type)),
+    }
+}
+
+fn log_transition(u: &Update) {
+    let from = u.from.map(State::as_str).unwrap_or("new");
+    let reason = u.reason.as_deref().unwrap_or("");
+    match u.to {
+        State::Active => {
+            tracing::info!(account_id = %u.id, from, to = "active", reason, "account state")
+        }
+        State::Failing | State::Paused => {
+            tracing::warn!(account_id = %u.id, from, to = u.to.as_str(), reason, "account state")
+        }
+        State::NeedsReauth | State::Revoked | State::Invalid => {
+            tracing::error!(account_id = %u.id, from, to = u.to.as_str(), reason, "account state")
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The OAuth client for Factorial's Doorkeeper server: refresh a grant, probe a token.
+//!
+//! Every answer is classified: a usable grant, a dead grant, the profile's fault, or a transient
+//! failure (with the server's `Retry-After` when it gave one). Bodies are size-limited and never
+//! trusted: a 200 that does not carry a usable token is transient, never stored.
+
+use std::time::{Duration, SystemTime};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::{DaemonConfig, ProbeKind, Profile};
+
+/// Longest `Retry-After` honoured; a server asking for more gets this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// `expires_in` beyond this is not a lifetime a token server means.
+const MAX_EXPIRES_IN: i64 = 366 * 86_400;
+/// `created_at` further than this from our clock is ignored in favour of our clock.
+const MAX_CLOCK_SKEW: i64 = 86_400;
+/// Longest token accepted.
+const MAX_TOKEN_LEN: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    /// The grant is dead (`invalid_grant`): only a new authorisation helps.
+    #[error("invalid_grant: {0}")]
+    InvalidGrant(String),
+    /// The profile is at fault (`invalid_client`, `unauthorized_client`, a wrong URL).
+    #[error("{code}: {description}")]
+    Misconfigured { code: String, description: String },
+    /// Try again later.
+    #[error("{reason}")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// A usable answer to a refresh.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub access_token: SecretString,
+    /// `None` when the server did not rotate: keep the old one.
+    pub refresh_token: Option<SecretString>,
+    pub expires_at: i64,
+    pub scopes: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    Active,
+    /// The provider says the token is dead (`401`, `active:false`).
+    Dead(String),
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Misconfigured(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Provider {
+    http: reqwest::Client,
+    max_body: usize,
+}
+
+impl Provider {
+    pub fn new(daemon: &DaemonConfig) -> anyhow::Result<Provider> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(daemon.http_connect_timeout.get())
+            .timeout(daemon.http_timeout.get())
+            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(daemon.max_concurrent_refreshes.get())
+            .build()?;
+        Ok(Provider {
+            http,
+            max_body: daemon.max_response_bytes.get(),
+        })
+    }
+
+    /// Exchange `refresh_token` for a new pair. `now` is unix seconds.
+    pub async fn refresh(
+        &self,
+        profile: &Profile,
+        refresh_token: &SecretString,
+        now: i64,
+    ) -> Result<Grant, RefreshError> {
+        let url = format!("{}/oauth/token", profile.base_url);
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose_secret()),
+            ("client_id", profile.client_id.as_str()),
+            ("client_secret", profile.client_secret.expose_secret()),
+        ];
+        let response = self
+            .http
+            .post(url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| transient(describe_reqwest(&e), None))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = read_limited(response, self.max_body)
+            .await
+            .map_err(|reason| transient(reason, retry_after))?;
+        classify_refresh(status, &body, retry_after, now)
+    }
+
+    /// Ask the provider whether a company token still works, as the profile's probe says.
+    pub async fn probe(&self, profile: &Profile, access_token: &SecretString) -> ProbeOutcome {
+        let request = match profile.probe {
+            ProbeKind::TokenInfo => self
+                .http
+                .get(format!("{}/oauth/token/info", profile.base_url))
+                .bearer_auth(access_token.expose_secret()),
+            ProbeKind::Url => self
+                .http
+                .get(profile.probe_url.clone().unwrap_or_default())
+                .bearer_auth(access_token.expose_secret()),
+            ProbeKind::Introspect => self
+                .http
+                .post(format!("{}/oauth/introspect", profile.base_url))
+                .form(&[
+                    ("token", access_token.expose_secret()),
+                    ("client_id", profile.client_id.as_str()),
+                    ("client_secret", profile.client_secret.expose_secret()),
+                ]),
+        };
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return ProbeOutcome::Transient {
+                    reason: describe_reqwest(&e),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = match read_limited(response, self.max_body).await {
+            Ok(b) => b,
+            Err(reason) => {
+                return ProbeOutcome::Transient {
+                    reason,
+                    retry_after,
+                };
+            }
+        };
+        classify_probe(profile.probe, status, &body, retry_after)
+    }
+}
+
+/// reqwest with rustls needs a process-wide crypto provider; ring builds fast and needs no C
+/// toolchain beyond what is here.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn transient(reason: String, retry_after: Option<Duration>) -> RefreshError {
+    RefreshError::Transient {
+        reason,
+        retry_after,
+    }
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    // reqwest's Display can include the URL; ours carry no secrets, but keep it short.
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else if e.is_body() || e.is_decode() {
+        "response body error".into()
+    } else {
+        // Without the URL: a misconfigured base URL could carry credentials.
+        let mut reason = String::from("request failed");
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            reason = format!("request failed: {s}");
+            source = s.source();
+        }
+        reason
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(format!("response body over {max} bytes"));
+    }
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(format!("response body over {max} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(describe_reqwest(&e)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<serde_json::Value>,
+    refresh_token: Option<serde_json::Value>,
+    expires_in: Option<serde_json::Value>,
+    created_at: Option<serde_json::Value>,
+    scope: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+/// Turn one token-endpoint answer into a grant or a classified error. Pure, for tests and fuzzing.
+pub fn classify_refresh(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    now: i64,
+) -> Result<Grant, RefreshError> {
+    if status == 200 {
+        return parse_grant(body, now)
+            .map_err(|why| transient(format!("unusable token response: {why}"), retry_after));
+    }
+    let err: Option<ErrorResponse> = serde_json::from_slice(body).ok();
+    let code = err
+        .as_ref()
+        .and_then(|e| e.error.clone())
+        .unwrap_or_default();
+    let description = err
+        .and_then(|e| e.error_description)
+        .map(|d| d.chars().take(200).collect())
+        .unwrap_or_default();
+    match (status, code.as_str()) {
+        (400 | 401, "invalid_grant") => Err(RefreshError::InvalidGrant(description)),
+        (
+            400 | 401 | 403,
+            "invalid_client"
+            | "unauthorized_client"
+            | "unsupported_grant_type"
+            | "invalid_scope"
+            | "invalid_request",
+        ) => Err(RefreshError::Misconfigured { code, description }),
+        (404 | 405, _) => Err(RefreshError::Misconfigured {
+            code: format!("http {status}"),
+            description: "no token endpoint at this base_url".into(),
+        }),
+        _ => Err(transient(format!("http {status}"), retry_after)),
+    }
+}
+
+fn parse_grant(body: &[u8], now: i64) -> Result<Grant, String> {
+    let r: TokenResponse =
+        serde_json::from_slice(body).map_err(|_| "body is not a JSON object".to_owned())?;
+    let token =
+        |v: Option<serde_json::Value>, name: &str| -> Result<Option<SecretString>, String> {
+            match v {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s))
+                    if !s.is_empty()
+                        && s.len() <= MAX_TOKEN_LEN
+                        && s.bytes().all(|b| b.is_ascii_graphic()) =>
+                {
+                    Ok(Some(SecretString::from(s)))
+                }
+                Some(_) => Err(format!("{name} is not a token string")),
+            }
+        };
+    let access_token = token(r.access_token, "access_token")?.ok_or("no access_token")?;
+    let refresh_token = token(r.refresh_token, "refresh_token")?;
+    let expires_in = r
+        .expires_in
+        .as_ref()
+        .and_then(as_i64)
+        .ok_or("no numeric expires_in")?;
+    if expires_in <= 0 || expires_in > MAX_EXPIRES_IN {
+        return Err(format!("expires_in {expires_in} is out of range"));
+    }
+    let issued = r
+        .created_at
+        .as_ref()
+        .and_then(as_i64)
+        .filter(|c| (c - now).abs() <= MAX_CLOCK_SKEW)
+        .unwrap_or(now);
+    let scopes = match r.scope {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Array(a)) => Some(
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    };
+    Ok(Grant {
+        access_token,
+        refresh_token,
+        expires_at: issued + expires_in,
+        scopes,
+    })
+}
+
+fn as_i64(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.is_finite() && f.abs() < 1e15)
+            .map(|f| f as i64)
+    })
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date, relative to `now`; capped at an hour.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// Classify a probe answer. Pure, for tests.
+pub fn classify_probe(
+    kind: ProbeKind,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> ProbeOutcome {
+    let transient = |reason: String| ProbeOutcome::Transient {
+        reason,
+        retry_after,
+    };
+    match (kind, status) {
+        (ProbeKind::Introspect, 200) => {
+            match serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("active").and_then(|a| a.as_bool()))
+            {
+                Some(true) => ProbeOutcome::Active,
+                Some(false) => ProbeOutcome::Dead("introspection says active:false".into()),
+                None => transient("introspection answer without `active`".into()),
+            }
+        }
+        (ProbeKind::Introspect, 400 | 401 | 403) => ProbeOutcome::Misconfigured(format!(
+            "introspection refused client credentials (http {status})"
+        )),
+        (ProbeKind::TokenInfo, 200) => match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) if v.is_object() => ProbeOutcome::Active,
+            _ => transient("token info answer is not JSON".into()),
+        },
+        (ProbeKind::Url, 200..=299) => ProbeOutcome::Active,
+        (ProbeKind::TokenInfo | ProbeKind::Url, 401) => {
+            let err: Option<ErrorResponse> = serde_json::from_slice(body).ok();
+            let code = err.and_then(|e| e.error).unwrap_or_default();
+            if kind == ProbeKind::TokenInfo && code != "invalid_token" {
+                transient(format!("http 401 without invalid_token ({code:?})"))
+            } else {
+                ProbeOutcome::Dead("http 401 invalid_token".into())
+            }
+        }
+        (ProbeKind::TokenInfo, 404) => {
+            ProbeOutcome::Misconfigured("no token info endpoint at this base_url".into())
+        }
+        (_, status) => transient(format!("http {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn doorkeeper_success_uses_created_at() {
+        let body = format!(
+            r#"{{"access_token":"a1","token_type":"Bearer","expires_in":3600,"refresh_token":"r1","scope":"read write","created_at":{}}}"#,
+            NOW - 10
+        );
+        let g = classify_refresh(200, body.as_bytes(), None, NOW).unwrap();
+        assert_eq!(g.expires_at, NOW - 10 + 3600);
+        assert_eq!(g.refresh_token.unwrap().expose_secret(), "r1");
+        assert_eq!(g.scopes.as_deref(), Some("read write"));
+    }
+
+    #[test]
+    fn absurd_created_at_falls_back_to_local_time() {
+        let body = br#"{"access_token":"a","expires_in":60,"refresh_token":"r","created_at":5}"#;
+        assert_eq!(
+            classify_refresh(200, body, None, NOW).unwrap().expires_at,
+            NOW + 60
+        );
+        let body = br#"{"access_token":"a","expires_in":60}"#;
+        let g = classify_refresh(200, body, None, NOW).unwrap();
+        assert_eq!(g.expires_at, NOW + 60);
+        assert!(g.refresh_token.is_none());
+    }
+
+    #[test]
+    fn unusable_200s_are_transient() {
+        for body in [
+            &b"<html>oops</html>"[..],
+            br#"{"access_token":"a","expires_in":-5,"refresh_token":"r"}"#,
+            br#"{"access_token":"a","expires_in":99999999999,"refresh_token":"r"}"#,
+            br#"{"refresh_token":"r","expires_in":60}"#,
+            br#"{"access_token":"","expires_in":60}"#,
+            br#"{"access_token":"a","expires_in":"60"}"#,
+            br#"{"access_token":"a","#,
+        ] {
+            assert!(
+                matches!(
+                    classify_refresh(200, body, None, NOW),
+                    Err(RefreshError::Transient { .. })
+                ),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let grant = br#"{"error":"invalid_grant","error_description":"x"}"#;
+        assert!(matches!(
+            classify_refresh(400, grant, None, NOW),
+            Err(RefreshError::InvalidGrant(_))
+        ));
+        let client = br#"{"error":"invalid_client","error_description":"x"}"#;
+        assert!(matches!(
+            classify_refresh(401, client, None, NOW),
+            Err(RefreshError::Misconfigured { .. })
+        ));
+        let ra = Some(Duration::from_secs(7));
+        match classify_refresh(429, b"", ra, NOW) {
+            Err(RefreshError::Transient { retry_after, .. }) => assert_eq!(retry_after, ra),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            classify_refresh(503, b"<html>", None, NOW),
+            Err(RefreshError::Transient { .. })
+        ));
+        // A 401 without a recognisable body is not proof of anything.
+        assert!(matches!(
+            classify_refresh(401, b"", None, NOW),
+            Err(RefreshError::Transient { .. })
+        ));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("99999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+
+    #[test]
+    fn probes() {
+        let dead = br#"{"error":"invalid_token","error_description":"The access token is invalid","state":"unauthorized"}"#;
+        assert!(matches!(
+            classify_probe(ProbeKind::TokenInfo, 401, dead, None),
+            ProbeOutcome::Dead(_)
+        ));
+        assert_eq!(
+            classify_probe(ProbeKind::TokenInfo, 200, br#"{"expires_in":null}"#, None),
+            ProbeOutcome::Active
+        );
+        assert!(matches!(
+            classify_probe(ProbeKind::TokenInfo, 503, b"", None),
+            ProbeOutcome::Transient { .. }
+        ));
+        assert!(matches!(
+            classify_probe(ProbeKind::TokenInfo, 200, b"<html>", None),
+            ProbeOutcome::Transient { .. }
+        ));
+        assert!(matches!(
+            classify_probe(ProbeKind::Introspect, 200, br#"{"active":false}"#, None),
+            ProbeOutcome::Dead(_)
+        ));
+        assert_eq!(
+            classify_probe(
+                ProbeKind::Introspect,
+                200,
+                br#"{"active":true,"exp":0}"#,
+                None
+            ),
+            ProbeOutcome::Active
+        );
+    }
+}
