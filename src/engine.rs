@@ -30,6 +30,20 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The first whole unix second at or after `delay` from now (so a Retry-After is never cut short).
+pub fn unix_after(delay: Duration) -> i64 {
+    let at = SystemTime::now() + delay;
+    let d = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    d.as_secs() as i64 + i64::from(d.subsec_nanos() > 0)
+}
+
+/// Time from now until the start of unix second `t` (zero if past).
+fn until_unix(t: i64) -> Duration {
+    let at = UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+    at.duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+}
+
 /// The configuration in force and the client built from it; swapped whole on reload.
 pub struct Runtime {
     pub config: Config,
@@ -211,7 +225,7 @@ impl Engine {
                     // Due but leased by another instance or just released: look again soon.
                     Duration::from_millis(200)
                 }
-                Some(t) => Duration::from_secs((t - now).max(0) as u64),
+                Some(t) => until_unix(t),
                 None => Duration::from_secs(3600),
             };
             let poll_in = CHANGE_POLL.saturating_sub(last_change_poll.elapsed());
@@ -480,7 +494,7 @@ impl Engine {
                 self.stats.record_error("refresh", &reason);
                 let failures = a.failures.saturating_add(1);
                 let delay = backoff(d, failures).max(retry_after.unwrap_or_default());
-                let next = now + delay.as_secs().max(1) as i64;
+                let next = unix_after(delay.max(Duration::from_secs(1)));
                 let left = expires_at.map(|e| e - now);
                 tracing::warn!(account_id = %a.id, profile = %profile.name, outcome = "transient",
                     error = %reason, latency_ms, failures, expires_in_s = left, next_action_at = next,

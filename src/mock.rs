@@ -38,6 +38,8 @@ pub struct MockConfig {
     pub refresh_ttl: Option<Duration>,
     pub client_id: String,
     pub client_secret: String,
+    /// Answer refreshes without a `refresh_token` (the old one stays valid), as some servers do.
+    pub omit_refresh_token: bool,
 }
 
 impl Default for MockConfig {
@@ -48,6 +50,7 @@ impl Default for MockConfig {
             refresh_ttl: None,
             client_id: "mock-client".into(),
             client_secret: "mock-secret".into(),
+            omit_refresh_token: false,
         }
     }
 }
@@ -150,6 +153,8 @@ struct Inner {
     in_flight_accounts: HashMap<u32, usize>,
     /// Newest pair per account, as issued.
     newest: HashMap<u32, (String, Option<String>)>,
+    /// Every token-endpoint answer: (unix ms, status, account if known).
+    log: Vec<(i64, u16, Option<u32>)>,
 }
 
 /// A running mock server. Dropping it stops the server.
@@ -211,6 +216,7 @@ impl MockProvider {
             totals: Totals::default(),
             in_flight_accounts: HashMap::new(),
             newest: HashMap::new(),
+            log: Vec::new(),
         }));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let state = AppState {
@@ -355,6 +361,15 @@ impl MockProvider {
     pub fn refresh_token_live(&self, refresh: &str) -> bool {
         let g = self.lock();
         g.by_refresh.contains_key(refresh)
+    }
+
+    /// Token-endpoint answers so far: (unix ms, status, account id if the token named one).
+    pub fn token_log(&self) -> Vec<(i64, u16, Option<String>)> {
+        let g = self.lock();
+        g.log
+            .iter()
+            .map(|(t, s, a)| (*t, *s, a.map(|i| g.accounts[i as usize].0.clone())))
+            .collect()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -565,15 +580,21 @@ async fn token(
         }
         f
     };
-    if let Some(f) = fault {
-        match apply_fault(f).await {
-            Some(r) => return r,
-            None => { /* Delay: go on and answer */ }
-        }
+    let account = guard.account;
+    let record = |r: Response| {
+        lock(&state.inner)
+            .log
+            .push((now_ms(), r.status().as_u16(), account));
+        r
+    };
+    if let Some(f) = fault
+        && let Some(r) = apply_fault(f).await
+    {
+        return record(r);
     }
     let r = exchange(&state, &p);
     drop(guard);
-    r
+    record(r)
 }
 
 /// Returns the faulty response, or `None` to answer normally after a delay.
@@ -743,8 +764,24 @@ fn exchange(state: &AppState, p: &HashMap<String, String>) -> Response {
     if rotation == Rotation::Immediate {
         g.revoke_record(&old_access);
     }
-    let previous = (rotation == Rotation::RevokeOnUse).then(|| refresh.clone());
-    let issued = g.issue(&account_name, now, ttl, true, previous);
+    let issued = if g.config.omit_refresh_token {
+        // No rotation: the same refresh token now belongs to the new access token.
+        g.revoke_record(&old_access);
+        g.dead_refresh.remove(refresh);
+        let mut issued = g.issue(&account_name, now, ttl, false, None);
+        if let Some(rec) = g.records.get_mut(&issued.access_token) {
+            rec.refresh = Some(refresh.clone());
+        }
+        g.by_refresh
+            .insert(refresh.clone(), issued.access_token.clone());
+        g.newest
+            .insert(idx, (issued.access_token.clone(), Some(refresh.clone())));
+        issued.refresh_token = None;
+        issued
+    } else {
+        let previous = (rotation == Rotation::RevokeOnUse).then(|| refresh.clone());
+        g.issue(&account_name, now, ttl, true, previous)
+    };
     let stats = &mut g.accounts[idx as usize].1;
     stats.grants += 1;
     if let Some(prev) = previous_expiry

@@ -1,0 +1,180 @@
+//! Configuration loading and validation.
+
+use std::path::Path;
+
+use tokend::config::Config;
+
+const GOOD_PROFILE: &str = r#"
+[[profile]]
+name = "factorial"
+client_id = "abc"
+client_secret = "inline"
+"#;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(Path::new("/etc/tokend/tokend.toml"), text).map_err(|e| e.to_string())
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = parse(GOOD_PROFILE).expect("valid");
+    assert_eq!(c.daemon.refresh_lead.get().as_secs(), 600);
+    assert_eq!(c.profiles[0].base_url, "https://api.factorialhr.com");
+    assert_eq!(c.daemon.revocation_schedule, "0 */15 * * * *");
+    assert_eq!(c.warnings.len(), 1, "inline secret warns");
+    assert!(
+        !format!("{:?}", c.profiles[0]).contains("inline"),
+        "Debug shows the secret"
+    );
+    let sandbox = parse(&GOOD_PROFILE.replace("client_id", "environment = \"sandbox\"\nclient_id"))
+        .expect("valid");
+    assert_eq!(
+        sandbox.profiles[0].base_url,
+        "https://api.demo.factorialhr.dev"
+    );
+}
+
+#[test]
+fn invalid_configs_name_the_key_and_line() {
+    // (config text, a key the message must name, the line it must name)
+    let cases: &[(&str, &str, Option<usize>)] = &[
+        (
+            "[daemon]\nrefresh_lead = \"10x\"\n",
+            "refresh_lead",
+            Some(2),
+        ),
+        ("[daemon]\nrefresh_lead = 600\n", "refresh_lead", Some(2)),
+        (
+            "[daemon]\nrefresh_leed = \"10m\"\n",
+            "refresh_leed",
+            Some(2),
+        ),
+        (
+            "[daemon]\n\nmax_concurrent_refreshes = 0\n",
+            "max_concurrent_refreshes",
+            Some(3),
+        ),
+        ("[daemon]\nlog_level = \"loud\"\n", "log_level", Some(2)),
+        ("[daemon]\nlog_format = \"xml\"\n", "log_format", Some(2)),
+        ("[daemon]\nlease = \"1s\"\n", "lease", Some(2)),
+        (
+            "[daemon]\nrevocation_schedule = \"*/15 * * * *\"\n",
+            "revocation_schedule",
+            Some(2),
+        ),
+        (
+            "[daemon]\nrevocation_confirm_delay = \"5s\"\n",
+            "revocation_confirm_delay",
+            Some(2),
+        ),
+        (
+            "[daemon]\nrefresh_token_margin = \"8d\"\n",
+            "refresh_token_margin",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\nbase_url = \"not a url\"\n",
+            "base_url",
+            Some(5),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\nbase_url = \"ftp://x\"\n",
+            "base_url",
+            Some(5),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\nenvironment = \"staging\"\n",
+            "environment",
+            Some(5),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\ncolour = \"blue\"\n",
+            "colour",
+            Some(5),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\n",
+            "client_secret",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/secret\"\n",
+            "client_secret_file",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret_env = \"TOKEND_TEST_UNSET_VARIABLE\"\n",
+            "client_secret_env",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\n\n[[profile]]\nname = \"p\"\nclient_id = \"b\"\nclient_secret = \"t\"\n",
+            "name",
+            Some(7),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\nprobe = \"url\"\n",
+            "probe_url",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\ntoken_type = \"robot\"\n",
+            "token_type",
+            Some(5),
+        ),
+        ("[daemon]\ndatabase = \"/tmp/x.db\"\n", "profile", None),
+    ];
+    for (text, key, line) in cases {
+        let err = parse(text).expect_err(text);
+        assert!(
+            err.starts_with("/etc/tokend/tokend.toml"),
+            "no file name in {err:?}"
+        );
+        assert!(
+            err.contains(key),
+            "error for {text:?} does not name {key:?}: {err}"
+        );
+        if let Some(line) = line {
+            assert!(
+                err.contains(&format!("tokend.toml:{line}:")),
+                "error for {text:?} does not name line {line}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_file_in_config_dir_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).expect("config dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load_without_secrets(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            found += 1;
+        }
+    }
+    assert!(found >= 1, "no config files found in {}", dir.display());
+}
+
+#[test]
+fn example_config_loads_with_its_credential() {
+    // The full load, secrets included, as systemd would run it.
+    let creds = tempfile::tempdir().expect("tempdir");
+    std::fs::write(creds.path().join("factorial-client-secret"), "s3cret").expect("credential");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokend.toml"),
+            "check-config",
+        ])
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,314 @@
+//! Shared test setup: a temp directory with a config, a real SQLite file and a mock provider on
+//! 127.0.0.1:0, plus ways to run the daemon in-process or as the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use tokend::config::Config;
+use tokend::daemon::{self, Control};
+use tokend::mock::{MockConfig, MockProvider};
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "CANARY-client-secret-7f3a9";
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter("debug,tokio_cron_scheduler=warn,hyper=warn")
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub mock: MockProvider,
+    pub config_path: PathBuf,
+    pub db: PathBuf,
+    pub health: PathBuf,
+}
+
+/// Daemon settings fast enough for tests; `extra` lines override or add.
+pub fn daemon_toml(env_dir: &Path, extra: &str) -> String {
+    let mut lines: Vec<String> = vec![
+        "[daemon]".into(),
+        format!("database = \"{}\"", env_dir.join("tokend.db").display()),
+        format!(
+            "health_file = \"{}\"",
+            env_dir.join("health.json").display()
+        ),
+    ];
+    let defaults = [
+        ("refresh_lead", "\"3s\""),
+        ("refresh_jitter", "\"1s\""),
+        ("max_concurrent_refreshes", "8"),
+        ("http_timeout", "\"2s\""),
+        ("http_connect_timeout", "\"1s\""),
+        ("retry_initial", "\"1s\""),
+        ("retry_max", "\"4s\""),
+        ("lease", "\"10s\""),
+        ("health_interval", "\"2s\""),
+        ("shutdown_timeout", "\"10s\""),
+        ("revocation_schedule", "\"0 0 0 1 1 *\""),
+        ("log_level", "\"debug\""),
+    ];
+    let overridden = |k: &str| {
+        extra.lines().any(|l| {
+            l.trim_start().starts_with(&format!("{k} "))
+                || l.trim_start().starts_with(&format!("{k}="))
+        })
+    };
+    for (k, v) in defaults {
+        if !overridden(k) {
+            lines.push(format!("{k} = {v}"));
+        }
+    }
+    for l in extra.lines() {
+        lines.push(l.to_owned());
+    }
+    lines.join("\n") + "\n"
+}
+
+pub fn profile_toml(name: &str, url: &str, secret_file: &Path) -> String {
+    format!(
+        "\n[[profile]]\nname = \"{name}\"\nenvironment = \"sandbox\"\nbase_url = \"{url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n",
+        secret_file.display()
+    )
+}
+
+impl Env {
+    pub async fn new(mock: MockConfig, daemon_extra: &str) -> Env {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mock = MockProvider::start(MockConfig {
+            client_secret: SECRET.into(),
+            ..mock
+        })
+        .await
+        .expect("mock");
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, SECRET).expect("secret");
+        let config_path = dir.path().join("tokend.toml");
+        let text = daemon_toml(dir.path(), daemon_extra)
+            + &profile_toml("factorial", &mock.url(), &secret_file);
+        std::fs::write(&config_path, text).expect("config");
+        let db = dir.path().join("tokend.db");
+        let health = dir.path().join("health.json");
+        let env = Env {
+            dir,
+            mock,
+            config_path,
+            db,
+            health,
+        };
+        // Create the schema up front so tests can insert rows before the daemon starts.
+        drop(tokend::store::Store::open(&env.db).expect("store"));
+        env
+    }
+
+    pub fn secret_file(&self) -> PathBuf {
+        self.dir.path().join("secret")
+    }
+
+    pub fn config(&self) -> Config {
+        Config::load(&self.config_path).expect("config loads")
+    }
+
+    pub fn conn(&self) -> Connection {
+        let c = Connection::open(&self.db).expect("open db");
+        c.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        c
+    }
+
+    /// Insert a user account with a grant issued by the mock `age` ago.
+    pub fn add_user(&self, id: &str, age: Duration) {
+        let t = self.mock.issue_user(id, age);
+        self.conn()
+            .execute(
+                "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at)
+                 VALUES (?1, 'factorial', 'user', ?2, ?3, ?4)",
+                params![id, t.access_token, t.refresh_token, t.expires_at],
+            )
+            .expect("insert user");
+    }
+
+    pub fn add_company(&self, id: &str) {
+        let t = self.mock.issue_company(id);
+        self.conn()
+            .execute(
+                "INSERT INTO accounts (id, profile, token_type, access_token)
+                 VALUES (?1, 'factorial', 'company', ?2)",
+                params![id, t.access_token],
+            )
+            .expect("insert company");
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        self.conn()
+            .query_row("SELECT state FROM accounts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .expect("state")
+    }
+
+    pub fn count_state(&self, state: &str) -> i64 {
+        self.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM accounts WHERE state = ?1",
+                [state],
+                |r| r.get(0),
+            )
+            .expect("count")
+    }
+
+    /// (access, refresh, expires_at) as stored.
+    pub fn tokens(&self, id: &str) -> (Option<String>, Option<String>, Option<i64>) {
+        self.conn()
+            .query_row(
+                "SELECT access_token, refresh_token, expires_at FROM accounts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("tokens")
+    }
+
+    /// Run the daemon in this process; stop it with the returned token.
+    pub fn start(&self) -> Running {
+        let shutdown = CancellationToken::new();
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        let control = Control {
+            config_path: self.config_path.clone(),
+            shutdown: shutdown.clone(),
+            reload: reload_rx,
+            log: None,
+        };
+        let config = self.config();
+        let task = tokio::spawn(async move { daemon::run(config, control).await });
+        Running {
+            shutdown,
+            reload: reload_tx,
+            task,
+        }
+    }
+
+    /// Start the real binary with `run`, stderr into a file in the temp dir.
+    pub fn spawn_binary(&self, envs: &[(&str, &str)]) -> Binary {
+        let log = self
+            .dir
+            .path()
+            .join(format!("stderr-{}.log", fastrand::u32(..)));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokend"));
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn tokend");
+        Binary { child, log }
+    }
+
+    pub fn tokend(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run tokend")
+    }
+
+    pub fn rewrite_config(&self, daemon_extra: &str) {
+        let text = daemon_toml(self.dir.path(), daemon_extra)
+            + &profile_toml("factorial", &self.mock.url(), &self.secret_file());
+        std::fs::write(&self.config_path, text).expect("config");
+    }
+}
+
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub reload: tokio::sync::mpsc::Sender<()>,
+    pub task: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("daemon stops in time")
+            .expect("daemon task");
+        r.expect("daemon ran cleanly");
+    }
+}
+
+pub struct Binary {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Binary {
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait for the process to exit, up to `limit`; returns its exit code.
+    pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `cond` every 50 ms until it holds or `limit` passes; panics with `what` on timeout.
+pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
