@@ -126,13 +126,21 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
+/// Print the one line that says why the process exits, as an error priority under journald.
+fn fatal(code: i32, msg: &str) -> i32 {
+    let prefix = if crate::telemetry::stderr_is_journal() {
+        "<3>"
+    } else {
+        ""
+    };
+    eprintln!("{prefix}tokend: {msg}");
+    code
+}
+
 fn run(path: &Path) -> i32 {
     let config = match Config::load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tokend: invalid configuration: {e}");
-            return EXIT_CONFIG;
-        }
+        Err(e) => return fatal(EXIT_CONFIG, &format!("invalid configuration: {e}")),
     };
     let log = crate::telemetry::init(config.daemon.log_level, config.daemon.log_format);
     runtime().block_on(async {
@@ -150,11 +158,7 @@ fn run(path: &Path) -> i32 {
         };
         match daemon::run(config, control).await {
             Ok(()) => 0,
-            Err(e) => {
-                tracing::error!("tokend: {e}");
-                eprintln!("tokend: {e}");
-                e.exit_code()
-            }
+            Err(e) => fatal(e.exit_code(), &e.to_string()),
         }
     })
 }

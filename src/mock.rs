@@ -155,6 +155,8 @@ struct Inner {
     newest: HashMap<u32, (String, Option<String>)>,
     /// Every token-endpoint answer: (unix ms, status, account if known).
     log: Vec<(i64, u16, Option<u32>)>,
+    /// A second client secret accepted during a rotation.
+    also_accepted: Option<String>,
 }
 
 /// A running mock server. Dropping it stops the server.
@@ -217,6 +219,7 @@ impl MockProvider {
             in_flight_accounts: HashMap::new(),
             newest: HashMap::new(),
             log: Vec::new(),
+            also_accepted: None,
         }));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let state = AppState {
@@ -284,7 +287,14 @@ impl MockProvider {
     }
 
     pub fn set_client_secret(&self, secret: &str) {
-        self.lock().config.client_secret = secret.to_owned();
+        let mut g = self.lock();
+        g.config.client_secret = secret.to_owned();
+        g.also_accepted = None;
+    }
+
+    /// Accept a second secret beside the current one, as during a rotation.
+    pub fn also_accept_secret(&self, secret: &str) {
+        self.lock().also_accepted = Some(secret.to_owned());
     }
 
     /// Answer the next requests to `endpoint` with these faults, in order.
@@ -382,6 +392,10 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Inner {
+    fn secret_ok(&self, s: &str) -> bool {
+        s == self.config.client_secret || self.also_accepted.as_deref() == Some(s)
+    }
+
     fn account_index(&mut self, account: &str) -> u32 {
         if let Some(&i) = self.account_ids.get(account) {
             return i;
@@ -719,7 +733,7 @@ fn exchange(state: &AppState, p: &HashMap<String, String>) -> Response {
                 oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", INVALID_GRANT),
             );
         }
-        (Some(id), Some(s)) if *id == g.config.client_id && *s == g.config.client_secret => {}
+        (Some(id), Some(s)) if *id == g.config.client_id && g.secret_ok(s) => {}
         _ => {
             return fail(
                 &mut g,
@@ -868,7 +882,7 @@ async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Respon
 
 fn client_ok(g: &Inner, p: &HashMap<String, String>) -> bool {
     p.get("client_id") == Some(&g.config.client_id)
-        && p.get("client_secret") == Some(&g.config.client_secret)
+        && p.get("client_secret").is_some_and(|s| g.secret_ok(s))
 }
 
 async fn introspect(

@@ -4,4 +4,5 @@
 mod cli;
 mod config;
 mod helpers;
+mod process;
 mod refresh;
