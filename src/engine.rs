@@ -160,6 +160,8 @@ impl Engine {
         let tracker = TaskTracker::new();
         let mut limit = self.rt().config.daemon.max_concurrent_refreshes.get();
         let permits = Arc::new(Semaphore::new(limit));
+        // Bounds the rows looked at but not yet written back (new rows being scheduled).
+        let evaluating = Arc::new(Semaphore::new(EVAL_IN_FLIGHT));
         let mut runtime = self.runtime.clone();
         let mut data_version = self.store.data_version().await.ok();
         let mut last_change_poll = Instant::now();
@@ -178,63 +180,49 @@ impl Engine {
             }
             self.resume_due_profiles(&rt.config).await;
 
-            let now = unix_now();
-            let free = permits.available_permits();
-            let mut claimed_all = false;
-            if free > 0 && !self.stats.store_unwritable.load(Ordering::Relaxed) {
-                let lease_until = now + rt.config.daemon.lease.as_secs_i64();
-                match self
-                    .store
-                    .claim_due(now, free, &self.owner, lease_until)
-                    .await
-                {
-                    Ok(accounts) => {
-                        claimed_all = accounts.len() == free;
-                        for account in accounts {
-                            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                                // Cannot happen (we claimed no more than were free); give it back.
-                                let _ = self.store.release(&account.id, &self.owner).await;
-                                continue;
-                            };
-                            let engine = self.clone();
-                            let hard = hard_stop.clone();
-                            tracker.spawn(async move {
-                                engine.process(account, &hard).await;
-                                drop(permit);
-                                engine.wake.notify_one();
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot claim due accounts");
-                        self.stats.record_error("store", &e.to_string());
-                    }
-                }
+            let writable = !self.stats.store_unwritable.load(Ordering::Relaxed);
+            let mut more = false;
+            if writable {
+                more |= self
+                    .evaluate_new(&rt, &evaluating, &tracker, &hard_stop)
+                    .await;
+                more |= self.refresh_due(&rt, &permits, &tracker, &hard_stop).await;
             }
 
             // Sleep until the next due time, a freed slot (if work is waiting), a change by
             // another program (polled cheaply), a reload, or shutdown.
-            let next = if claimed_all {
+            let next = if more {
                 None
             } else {
                 self.store.next_due().await.ok().flatten()
             };
             let now = unix_now();
             let until_due = match next {
-                Some(t) if t <= now && !claimed_all && permits.available_permits() > 0 => {
-                    // Due but leased by another instance or just released: look again soon.
-                    Duration::from_millis(200)
+                _ if more => Duration::ZERO,
+                Some(t) if t <= now => {
+                    // Due but held by a lease (ours in flight, or another instance's): look
+                    // again when something finishes, or soon.
+                    Duration::from_millis(250)
                 }
                 Some(t) => until_unix(t),
                 None => Duration::from_secs(3600),
             };
             let poll_in = CHANGE_POLL.saturating_sub(last_change_poll.elapsed());
-            let sleep = until_due.min(poll_in).max(Duration::from_millis(20));
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(sleep) => {}
-                _ = self.wake.notified() => {}
-                _ = runtime.changed() => {}
+            let sleep = until_due.min(poll_in);
+            if !sleep.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = self.wake.notified() => {}
+                    _ = runtime.changed() => {}
+                }
+            } else if more && permits.available_permits() == 0 {
+                // Work is waiting for a free slot.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(poll_in.max(Duration::from_millis(10))) => {}
+                }
             }
             if last_change_poll.elapsed() >= CHANGE_POLL {
                 last_change_poll = Instant::now();
@@ -252,6 +240,106 @@ impl Engine {
                 tracing::warn!("shutdown timeout reached with refreshes still in flight");
             }
         }
+    }
+
+    /// Look at rows inserted or changed by other programs and schedule them (no requests here:
+    /// one already due is scheduled for now and taken by [`Self::refresh_due`]). Returns whether
+    /// more may be waiting.
+    async fn evaluate_new(
+        self: &Arc<Self>,
+        rt: &Arc<Runtime>,
+        evaluating: &Arc<Semaphore>,
+        tracker: &TaskTracker,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let room = evaluating.available_permits().min(EVAL_BATCH);
+        if room == 0 {
+            return false;
+        }
+        let now = unix_now();
+        let lease_until = now + rt.config.daemon.lease.as_secs_i64();
+        let accounts = match self
+            .store
+            .claim_due(now, room, &self.owner, lease_until, true)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                self.claim_failed(&e);
+                return false;
+            }
+        };
+        let more = accounts.len() == room;
+        for a in accounts {
+            let Ok(slot) = evaluating.clone().try_acquire_owned() else {
+                let _ = self.store.release(&a.id, &self.owner).await;
+                continue;
+            };
+            let update = match self.triage(rt, &a, now, true) {
+                Plan::Write(u) => u,
+                Plan::Refresh(job) => job.schedule_now(now),
+            };
+            let engine = self.clone();
+            let hard = hard_stop.clone();
+            tracker.spawn(async move {
+                engine.commit(update, &hard).await;
+                drop(slot);
+            });
+        }
+        more
+    }
+
+    /// Claim due rows for the free request slots and refresh them. Returns whether more may be due.
+    async fn refresh_due(
+        self: &Arc<Self>,
+        rt: &Arc<Runtime>,
+        permits: &Arc<Semaphore>,
+        tracker: &TaskTracker,
+        hard_stop: &CancellationToken,
+    ) -> bool {
+        let free = permits.available_permits();
+        if free == 0 {
+            return true;
+        }
+        let now = unix_now();
+        let lease_until = now + rt.config.daemon.lease.as_secs_i64();
+        let accounts = match self
+            .store
+            .claim_due(now, free, &self.owner, lease_until, false)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                self.claim_failed(&e);
+                return false;
+            }
+        };
+        let more = accounts.len() == free;
+        for a in accounts {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                let _ = self.store.release(&a.id, &self.owner).await;
+                continue;
+            };
+            let plan = self.triage(rt, &a, now, false);
+            let engine = self.clone();
+            let hard = hard_stop.clone();
+            let rt = rt.clone();
+            tracker.spawn(async move {
+                let update = match plan {
+                    Plan::Write(u) => u,
+                    Plan::Refresh(job) => engine.refresh(&rt, *job).await,
+                };
+                engine.commit(update, &hard).await;
+                drop(permit);
+                engine.wake.notify_one();
+            });
+        }
+        more
+    }
+
+    fn claim_failed(&self, e: &crate::store::StoreError) {
+        tracing::error!(error = %e, "cannot claim accounts");
+        self.stats.record_error("store", &e.to_string());
     }
 
     /// When a paused profile's retry time comes, or its config changed, let one of its accounts
@@ -297,17 +385,6 @@ impl Engine {
                 Err(e) => tracing::error!(profile = %name, error = %e, "cannot resume profile"),
             }
         }
-    }
-
-    /// Handle one claimed account from start to committed outcome.
-    async fn process(&self, account: Account, hard_stop: &CancellationToken) {
-        let rt = self.rt();
-        let now = unix_now();
-        let update = self.decide(&rt, &account, now).await;
-        let Some(update) = update else {
-            return;
-        };
-        self.commit(update, hard_stop).await;
     }
 
     /// Commit an outcome; if the store cannot write, keep it and try again until it can.
@@ -358,8 +435,9 @@ impl Engine {
         }
     }
 
-    /// Judge the row, act on it, and say what to write back.
-    async fn decide(&self, rt: &Runtime, a: &Account, now: i64) -> Option<Update> {
+    /// Judge a claimed row: what to write back without a request, or a refresh to make.
+    /// `fresh` rows (new or changed by another program) are only scheduled, never refreshed here.
+    fn triage(&self, rt: &Runtime, a: &Account, now: i64, fresh: bool) -> Plan {
         let d = &rt.config.daemon;
         let prior = State::parse(&a.state);
         let base = |to: State, reason: Option<String>, next: Option<i64>| Update {
@@ -378,22 +456,21 @@ impl Engine {
         let (profile, token_type) = match validate(&rt.config, a, now) {
             Ok(v) => v,
             Err(reason) => {
-                return Some(base(State::Invalid, Some(reason.clone()), None).with_error(reason));
+                return Plan::Write(
+                    base(State::Invalid, Some(reason.clone()), None).with_error(reason),
+                );
             }
         };
         let relinked = prior.is_none_or(State::is_terminal);
+        // Not a state a new row can keep: unknown or terminal states start over as active.
+        let keep = |s: Option<State>| match s {
+            Some(State::Failing) => State::Failing,
+            _ => State::Active,
+        };
         if token_type == TokenType::Company {
             // Company tokens never expire; the revocation checks look after them.
             let reason = relinked.then(|| "company token linked".to_owned());
-            let to = if prior == Some(State::Failing) {
-                State::Failing
-            } else {
-                State::Active
-            };
-            return Some(base(to, reason, None));
-        }
-        if !self.may_request(&profile.name) {
-            return Some(base(State::Paused, Some("profile is paused".into()), None));
+            return Plan::Write(base(keep(prior), reason, None));
         }
 
         // Refresh-token age: past its lifetime the grant is dead, so no request is wasted.
@@ -406,7 +483,7 @@ impl Engine {
                     age / 3600,
                     d.refresh_token_lifetime.as_secs_i64() / 3600
                 );
-                return Some(
+                return Plan::Write(
                     base(State::NeedsReauth, Some(reason.clone()), None).with_error(reason),
                 );
             }
@@ -422,31 +499,65 @@ impl Engine {
             }
         }
 
+        // An expiry that is missing or absurd is unknown: refreshing yields a real one.
         let expires_at = a.expires_at.filter(|e| *e > 0 && *e < now + 366 * 86_400);
-        let due = expires_at.map(|e| due_time(e, d)).unwrap_or(now);
-        let has_access = a
-            .access_token
-            .as_ref()
-            .is_some_and(|t| !t.expose_secret().is_empty());
-        if due > now && has_access {
-            // Not yet due (a new or relinked row, or a stale wake-up): schedule it.
-            let to = if prior == Some(State::Failing) {
-                State::Failing
-            } else {
-                State::Active
+        if fresh {
+            let has_access = a
+                .access_token
+                .as_ref()
+                .is_some_and(|t| !t.expose_secret().is_empty());
+            let due = match expires_at {
+                Some(e) if has_access => due_time(e, d).max(now),
+                _ => now,
             };
             let reason = relinked.then(|| "new grant written".to_owned());
-            let mut u = base(to, reason, Some(due));
+            let mut u = base(keep(prior), reason, Some(due));
             u.failures = a.failures;
-            return Some(u);
+            return Plan::Write(u);
         }
+        if !self.may_request(&profile.name) {
+            return Plan::Write(base(State::Paused, Some("profile is paused".into()), None));
+        }
+        Plan::Refresh(Box::new(RefreshJob {
+            account: a.clone(),
+            profile: profile.clone(),
+            prior,
+            expires_at,
+        }))
+    }
 
-        let refresh_token = a.refresh_token.clone()?;
+    /// Make the request for one account and say what to write back.
+    async fn refresh(&self, rt: &Runtime, job: RefreshJob) -> Update {
+        let d = &rt.config.daemon;
+        let RefreshJob {
+            account: a,
+            profile,
+            prior,
+            expires_at,
+        } = job;
         let started = Instant::now();
-        let result = rt.provider.refresh(profile, &refresh_token, now).await;
+        let now = unix_now();
+        let base = |to: State, reason: Option<String>, next: Option<i64>| Update {
+            id: a.id.clone(),
+            revision: a.revision,
+            from: prior,
+            to,
+            reason,
+            tokens: None,
+            next_action_at: next,
+            failures: 0,
+            last_error: None,
+            checked_at: None,
+            now,
+        };
+        let Some(refresh_token) = a.refresh_token.clone() else {
+            let reason = "user token without a refresh_token".to_owned();
+            return base(State::Invalid, Some(reason.clone()), None).with_error(reason);
+        };
+        let result = rt.provider.refresh(&profile, &refresh_token, now).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         let now = unix_now();
-        Some(match result {
+        match result {
             Ok(grant) => {
                 self.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                 if self.unpause(&profile.name) {
@@ -460,6 +571,7 @@ impl Engine {
                 let reason = (prior != Some(State::Active)).then(|| "refreshed".to_owned());
                 let mut u = base(State::Active, reason, Some(next));
                 u.tokens = Some(new_tokens(grant, now));
+                u.now = now;
                 u
             }
             Err(RefreshError::InvalidGrant(desc)) => {
@@ -481,7 +593,7 @@ impl Engine {
                 self.stats.record_error("profile", &reason);
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = %code,
                     latency_ms, "refresh");
-                self.pause_profile(&rt.config, profile, &reason, now).await;
+                self.pause_profile(&rt.config, &profile, &reason, now).await;
                 let mut u = base(State::Paused, Some(reason.clone()), None).with_error(reason);
                 u.failures = a.failures;
                 u
@@ -504,7 +616,7 @@ impl Engine {
                 u.failures = failures;
                 u
             }
-        })
+        }
     }
 
     /// Whether a request may go to `profile`: always unless it is paused, and then once per
@@ -579,6 +691,45 @@ impl Engine {
             Err(e) => {
                 tracing::error!(profile = %profile, error = %e, "cannot resume profile accounts")
             }
+        }
+    }
+}
+
+/// Most rows looked at per claim, and in flight at once, when scheduling new rows.
+const EVAL_BATCH: usize = 512;
+const EVAL_IN_FLIGHT: usize = 2048;
+
+enum Plan {
+    Write(Update),
+    Refresh(Box<RefreshJob>),
+}
+
+struct RefreshJob {
+    account: Account,
+    profile: Profile,
+    prior: Option<State>,
+    expires_at: Option<i64>,
+}
+
+impl RefreshJob {
+    /// A new row that is already due: schedule it for now, for the refresh path to take.
+    fn schedule_now(self, now: i64) -> Update {
+        let a = self.account;
+        Update {
+            id: a.id,
+            revision: a.revision,
+            from: self.prior,
+            to: match self.prior {
+                Some(State::Failing) => State::Failing,
+                _ => State::Active,
+            },
+            reason: None,
+            tokens: None,
+            next_action_at: Some(now),
+            failures: a.failures,
+            last_error: None,
+            checked_at: None,
+            now,
         }
     }
 }

@@ -162,6 +162,7 @@ enum Cmd {
         limit: usize,
         owner: String,
         lease_until: i64,
+        fresh: bool,
         reply: Reply<Vec<Account>>,
     },
     Update {
@@ -223,13 +224,16 @@ impl Store {
         .await
     }
 
-    /// Claim up to `limit` accounts due at `now` that no one else holds, leasing them to `owner`.
+    /// Claim up to `limit` accounts that no one else holds, leasing them to `owner`: with
+    /// `fresh`, rows just inserted or changed by another program (waiting to be looked at);
+    /// otherwise rows whose scheduled action is due at `now`.
     pub async fn claim_due(
         &self,
         now: i64,
         limit: usize,
         owner: &str,
         lease_until: i64,
+        fresh: bool,
     ) -> Result<Vec<Account>, StoreError> {
         let owner = owner.to_owned();
         self.call(|reply| Cmd::Claim {
@@ -237,6 +241,7 @@ impl Store {
             limit,
             owner,
             lease_until,
+            fresh,
             reply,
         })
         .await
@@ -574,9 +579,10 @@ fn serve(mut conn: Connection, rx: std_mpsc::Receiver<Cmd>) {
                 limit,
                 owner,
                 lease_until,
+                fresh,
                 reply,
             } => {
-                let _ = reply.send(claim(&mut conn, now, limit, &owner, lease_until));
+                let _ = reply.send(claim(&mut conn, now, limit, &owner, lease_until, fresh));
             }
             Cmd::Run(f) => f(&mut conn),
         }
@@ -724,12 +730,18 @@ fn claim(
     limit: usize,
     owner: &str,
     lease_until: i64,
+    fresh: bool,
 ) -> Result<Vec<Account>, StoreError> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let accounts = {
+        let range = if fresh {
+            "next_action_at = 0"
+        } else {
+            "next_action_at > 0 AND next_action_at <= ?1"
+        };
         let mut select = tx.prepare_cached(&format!(
             "SELECT {ACCOUNT_COLUMNS} FROM accounts
-             WHERE next_action_at <= ?1 AND (lease_until IS NULL OR lease_until <= ?1)
+             WHERE {range} AND (lease_until IS NULL OR lease_until <= ?1)
              ORDER BY next_action_at LIMIT ?2"
         ))?;
         let rows = select
