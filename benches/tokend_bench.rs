@@ -1,1 +1,737 @@
-fn main() {}
+//! Benchmark harness: the real `tokend run` process (release build) against the in-crate mock
+//! provider, which runs here in the harness process so the daemon's CPU and memory are its own.
+//! Lapses and reuse come from the mock's books, not from the daemon.
+//!
+//! cargo bench --bench tokend_bench -- SCENARIO [--n N] [--duration SECS] [--lifetime SECS]
+//!     [--lead SECS] [--jitter SECS] [--concurrency C] [--log-level LEVEL] [--json PATH]
+//!
+//! Scenarios: capacity, catchup, idle, scale, smoke (all four, tiny), all. See BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, params};
+use tokend::mock::{MockConfig, MockProvider, Rotation};
+
+const SECRET: &str = "bench-secret";
+
+#[derive(Clone, Debug)]
+struct Args {
+    scenario: String,
+    n: Option<usize>,
+    duration: Option<u64>,
+    lifetime: Option<u64>,
+    lead: Option<u64>,
+    jitter: Option<u64>,
+    concurrency: Option<usize>,
+    log_level: String,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        scenario: String::new(),
+        n: None,
+        duration: None,
+        lifetime: None,
+        lead: None,
+        jitter: None,
+        concurrency: None,
+        log_level: "info".into(),
+        json: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{name} needs a value")))
+        };
+        let num = |s: String| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| die(&format!("not a number: {s}")))
+        };
+        match a.as_str() {
+            "--bench" => {} // cargo passes this to harness = false targets
+            "--n" => args.n = Some(num(val("--n")) as usize),
+            "--duration" => args.duration = Some(num(val("--duration"))),
+            "--lifetime" => args.lifetime = Some(num(val("--lifetime"))),
+            "--lead" => args.lead = Some(num(val("--lead"))),
+            "--jitter" => args.jitter = Some(num(val("--jitter"))),
+            "--concurrency" => args.concurrency = Some(num(val("--concurrency")) as usize),
+            "--log-level" => args.log_level = val("--log-level"),
+            "--json" => args.json = Some(PathBuf::from(val("--json"))),
+            s if !s.starts_with('-') && args.scenario.is_empty() => args.scenario = s.to_owned(),
+            s => die(&format!("unknown argument {s}")),
+        }
+    }
+    if args.scenario.is_empty() {
+        die("name a scenario: capacity, catchup, idle, scale, smoke or all");
+    }
+    args
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("tokend_bench: {msg}");
+    std::process::exit(2);
+}
+
+fn now_s() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One result: ordered (name, value, target verdict) rows.
+#[derive(Default)]
+struct Report {
+    scenario: String,
+    rows: Vec<(String, String, String)>,
+    json: BTreeMap<String, serde_json::Value>,
+}
+
+impl Report {
+    fn new(scenario: &str) -> Report {
+        Report {
+            scenario: scenario.to_owned(),
+            ..Report::default()
+        }
+    }
+    fn add(
+        &mut self,
+        key: &str,
+        label: &str,
+        value: impl Into<serde_json::Value> + std::fmt::Display + Clone,
+        target: &str,
+    ) {
+        self.rows
+            .push((label.to_owned(), value.to_string(), target.to_owned()));
+        self.json.insert(key.to_owned(), value.into());
+    }
+    fn print(&self) {
+        println!("\n== {} ==", self.scenario);
+        let w = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
+        let v = self.rows.iter().map(|r| r.1.len()).max().unwrap_or(10);
+        for (label, value, target) in &self.rows {
+            println!("  {label:<w$}  {value:>v$}  {target}");
+        }
+    }
+}
+
+fn verdict(ok: bool, target: &str) -> String {
+    format!("{} (target {target})", if ok { "MEETS" } else { "MISSES" })
+}
+
+/// A temp directory with a config, a database and the mock.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    db: PathBuf,
+}
+
+fn setup(mock_url: &str, daemon: &str) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let db = dir.path().join("tokend.db");
+    let config = dir.path().join("tokend.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n",
+            db.display(),
+            dir.path().join("health.json").display(),
+            secret.display()
+        ),
+    )
+    .expect("config");
+    drop(tokend::store::Store::open(&db).expect("schema"));
+    Setup { dir, config, db }
+}
+
+/// Rows as a previous tokend run would have left them: (id, access, refresh, expires_at, next_action_at).
+fn fill(
+    db: &Path,
+    rows: impl Iterator<Item = (String, String, Option<String>, i64, i64)>,
+) -> usize {
+    let mut conn = Connection::open(db).expect("db");
+    conn.pragma_update(None, "synchronous", "OFF")
+        .expect("pragma");
+    let tx = conn.transaction().expect("tx");
+    let mut n = 0;
+    {
+        let mut stmt = tx
+            .prepare(
+                "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at,
+                                       refresh_issued_at, next_action_at)
+                 VALUES (?1, 'bench', 'user', ?2, ?3, ?4, strftime('%s','now'), ?5)",
+            )
+            .expect("prepare");
+        for (id, a, r, e, next) in rows {
+            stmt.execute(params![id, a, r, e, next]).expect("insert");
+            n += 1;
+        }
+    }
+    tx.commit().expect("commit");
+    n
+}
+
+struct Daemon {
+    child: Child,
+    started: Instant,
+    notify: UnixDatagram,
+}
+
+impl Daemon {
+    fn spawn(s: &Setup) -> Daemon {
+        let sock_path = s.dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock_path).expect("notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let log = std::fs::File::create(s.dir.path().join("tokend.log")).expect("log");
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+            .args(["--config", s.config.to_str().expect("path"), "run"])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tokend (built by cargo bench)");
+        Daemon {
+            child,
+            started,
+            notify,
+        }
+    }
+
+    /// Time from spawn to READY=1.
+    fn wait_ready(&mut self, limit: Duration) -> Duration {
+        let mut buf = [0u8; 4096];
+        while self.started.elapsed() < limit {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                return self.started.elapsed();
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                die(&format!("tokend exited early: {st}"));
+            }
+        }
+        die("tokend did not become ready");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// utime + stime of the whole process, in seconds.
+    fn cpu_s(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // Fields 14 and 15 of stat; after "pid (comm)" they are at 11 and 12.
+        (ticks(11) + ticks(12)) as f64 / 100.0
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Context switches summed over threads: each voluntary one is a wake-up.
+    fn wakeups(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .map(|t| {
+                std::fs::read_to_string(t.path().join("status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .find(|l| l.starts_with("voluntary_ctxt_switches"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    fn stop(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn capacity(a: &Args, smoke: bool) -> Report {
+    let n = a.n.unwrap_or(if smoke { 200 } else { 10_000 });
+    let lifetime = a.lifetime.unwrap_or(if smoke { 12 } else { 60 }) as i64;
+    let lead = a.lead.unwrap_or(if smoke { 4 } else { 15 }) as i64;
+    let jitter = a.jitter.unwrap_or(if smoke { 1 } else { 5 }) as i64;
+    let duration = a.duration.unwrap_or(if smoke { 20 } else { 300 });
+    let conc = a.concurrency.unwrap_or(64);
+    let mock = MockProvider::start(MockConfig {
+        rotation: Rotation::Immediate,
+        access_ttl: Duration::from_secs(lifetime as u64),
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let s = setup(
+        &mock.url(),
+        &format!(
+            "refresh_lead = \"{lead}s\"\nrefresh_jitter = \"{jitter}s\"\nmax_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"",
+            a.log_level
+        ),
+    );
+    // Ages spread so due times are uniform over the first cycle and nothing is due at start.
+    let now = now_s();
+    let span = (lifetime - lead - jitter - 1).max(1) as u64;
+    let rows: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("u{i:07}");
+            let age = Duration::from_millis(fastrand::u64(0..span * 1000));
+            let t = mock.issue_user(&id, age);
+            let exp = t.expires_at.expect("expiry");
+            let next = (exp - lead - fastrand::i64(0..=jitter)).max(now);
+            (id, t.access_token, t.refresh_token, exp, next)
+        })
+        .collect();
+    fill(&s.db, rows.into_iter());
+    let mut d = Daemon::spawn(&s);
+    d.wait_ready(Duration::from_secs(60));
+    let cpu0 = d.cpu_s();
+    let g0 = mock.totals().grants;
+    let t0 = Instant::now();
+    let mut peak_rss = 0;
+    while t0.elapsed() < Duration::from_secs(duration) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peak_rss = peak_rss.max(d.status_kib("VmRSS:"));
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let expired = mock.expired_now().len() as u64;
+    let cpu = d.cpu_s() - cpu0;
+    let hwm = d.status_kib("VmHWM:");
+    let code = d.stop();
+    let t = mock.totals();
+    let mut head = mock.headrooms();
+    head.sort_unstable();
+    // Lag past the latest possible due time (expiry - lead): <= 0 is on time.
+    let mut lag: Vec<i64> = head.iter().map(|h| lead * 1000 - h).collect();
+    lag.sort_unstable();
+    let lapses = t.lapses + expired;
+    let rate = (t.grants - g0) as f64 / elapsed;
+    let mut r = Report::new("capacity");
+    r.add("accounts", "accounts", n as u64, "");
+    r.add("lifetime_s", "access-token lifetime (s)", lifetime, "");
+    r.add("run_s", "measured for (s)", elapsed.round() as u64, "");
+    r.add(
+        "refreshes_per_s",
+        "sustained refreshes/s",
+        (rate * 10.0).round() / 10.0,
+        "",
+    );
+    r.add(
+        "lapses",
+        "lapses (mock)",
+        lapses,
+        &verdict(lapses == 0, "0"),
+    );
+    r.add("worst_gap_ms", "worst gap (ms)", t.worst_gap_ms, "");
+    r.add(
+        "reuse_attempts",
+        "reuse attempts (mock)",
+        t.reuse_attempts,
+        &verdict(t.reuse_attempts == 0, "0"),
+    );
+    r.add("errors", "token errors (mock)", t.errors, "");
+    r.add(
+        "lag_p50_ms",
+        "lag past expiry-lead, p50 (ms)",
+        percentile(&lag, 0.50),
+        "",
+    );
+    r.add(
+        "lag_p99_ms",
+        "lag past expiry-lead, p99 (ms)",
+        percentile(&lag, 0.99),
+        "",
+    );
+    r.add(
+        "headroom_min_ms",
+        "least headroom before expiry (ms)",
+        head.first().copied().unwrap_or(0),
+        "",
+    );
+    r.add(
+        "daemon_cpu_s",
+        "daemon CPU (s)",
+        (cpu * 100.0).round() / 100.0,
+        "",
+    );
+    r.add(
+        "daemon_cpu_per_refresh_us",
+        "daemon CPU per refresh (us)",
+        ((cpu * 1e6) / (t.grants.max(1) as f64)).round(),
+        "",
+    );
+    r.add(
+        "peak_rss_kib",
+        "daemon peak RSS (KiB)",
+        hwm.max(peak_rss),
+        "",
+    );
+    r.add("exit_code", "daemon exit code", code.unwrap_or(-1), "");
+    r
+}
+
+async fn catchup(a: &Args, smoke: bool) -> Report {
+    let n = a.n.unwrap_or(if smoke { 500 } else { 50_000 });
+    let conc = a.concurrency.unwrap_or(64);
+    let mock = MockProvider::start(MockConfig {
+        rotation: Rotation::Immediate,
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let s = setup(
+        &mock.url(),
+        &format!(
+            "max_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"",
+            a.log_level
+        ),
+    );
+    let rows: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("u{i:07}");
+            let t = mock.issue_user(&id, Duration::from_secs(3600 + 600));
+            let exp = t.expires_at.expect("expiry");
+            (id, t.access_token, t.refresh_token, exp, exp - 600)
+        })
+        .collect();
+    fill(&s.db, rows.into_iter());
+    let mut d = Daemon::spawn(&s);
+    d.wait_ready(Duration::from_secs(60));
+    let t0 = Instant::now();
+    let cpu0 = d.cpu_s();
+    while mock.totals().grants < n as u64 && t0.elapsed() < Duration::from_secs(1800) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let cpu = d.cpu_s() - cpu0;
+    let hwm = d.status_kib("VmHWM:");
+    d.stop();
+    let t = mock.totals();
+    drop(mock);
+
+    // Raw capacity: the same requests from a plain client loop, no database.
+    let raw_mock = MockProvider::start(MockConfig {
+        rotation: Rotation::Immediate,
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let tokens: Arc<Vec<String>> = Arc::new(
+        (0..n)
+            .map(|i| {
+                raw_mock
+                    .issue_user(&format!("u{i:07}"), Duration::from_secs(4200))
+                    .refresh_token
+                    .expect("refresh")
+            })
+            .collect(),
+    );
+    tokend::provider::install_crypto_provider();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(conc)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("client");
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = format!("{}/oauth/token", raw_mock.url());
+    let r0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conc {
+        let (client, tokens, next, url) =
+            (client.clone(), tokens.clone(), next.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(rt) = tokens.get(i) else { break };
+                let form = [
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", rt.as_str()),
+                    ("client_id", "mock-client"),
+                    ("client_secret", SECRET),
+                ];
+                if let Ok(resp) = client.post(&url).form(&form).send().await {
+                    let body = resp.bytes().await.unwrap_or_default();
+                    let _: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let raw_took = r0.elapsed().as_secs_f64();
+    let raw_grants = raw_mock.totals().grants;
+    let rate = n as f64 / took;
+    let raw_rate = raw_grants as f64 / raw_took;
+    let ratio = rate / raw_rate;
+    let mut r = Report::new("catch-up");
+    r.add("accounts", "accounts, all expired at start", n as u64, "");
+    r.add("concurrency", "max_concurrent_refreshes", conc as u64, "");
+    r.add(
+        "seconds",
+        "time until all refreshed (s)",
+        (took * 100.0).round() / 100.0,
+        "",
+    );
+    r.add(
+        "refreshes_per_s",
+        "tokend refreshes/s (durable commits)",
+        rate.round(),
+        "",
+    );
+    r.add(
+        "raw_per_s",
+        "raw client loop against the mock (req/s)",
+        raw_rate.round(),
+        "",
+    );
+    r.add(
+        "ratio",
+        "tokend / raw",
+        (ratio * 100.0).round() / 100.0,
+        &verdict(ratio >= 0.5, ">= 0.5"),
+    );
+    r.add("grants", "grants (mock)", t.grants, "");
+    r.add(
+        "reuse_attempts",
+        "reuse attempts (mock)",
+        t.reuse_attempts,
+        &verdict(t.reuse_attempts == 0, "0"),
+    );
+    r.add(
+        "daemon_cpu_s",
+        "daemon CPU (s)",
+        (cpu * 100.0).round() / 100.0,
+        "",
+    );
+    r.add("peak_rss_kib", "daemon peak RSS (KiB)", hwm, "");
+    r
+}
+
+/// Rows with made-up tokens, expiring 30-60 minutes from now and refreshed 10-12 minutes before:
+/// nothing is due for at least 18 minutes, so no request is made.
+fn scheduled_far_rows(n: usize) -> Vec<(String, String, Option<String>, i64, i64)> {
+    let now = now_s();
+    (0..n)
+        .map(|i| {
+            let id = format!("u{i:07}");
+            let exp = now + 1800 + fastrand::i64(0..1800);
+            let a = format!("{:064x}", fastrand::u128(..));
+            let r = Some(format!("{:064x}", fastrand::u128(..)));
+            (id, a, r, exp, exp - 600 - fastrand::i64(0..120))
+        })
+        .collect()
+}
+
+async fn idle(a: &Args, smoke: bool) -> Report {
+    let n = a.n.unwrap_or(if smoke { 2_000 } else { 100_000 });
+    let duration = a.duration.unwrap_or(if smoke { 5 } else { 60 });
+    let mock = MockProvider::start(MockConfig {
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let s = setup(&mock.url(), &format!("log_level = \"{}\"", a.log_level));
+    fill(&s.db, scheduled_far_rows(n).into_iter());
+    let mut d = Daemon::spawn(&s);
+    d.wait_ready(Duration::from_secs(60));
+    // Let start-up settle (first health snapshot, first change poll).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu0, w0) = (d.cpu_s(), d.wakeups());
+    tokio::time::sleep(Duration::from_secs(duration)).await;
+    let (cpu, wakeups) = (d.cpu_s() - cpu0, d.wakeups() - w0);
+    let rss = d.status_kib("VmRSS:");
+    d.stop();
+    let per_min = cpu * 60.0 / duration as f64;
+    let mut r = Report::new("idle");
+    r.add(
+        "accounts",
+        "accounts (none due within 20 min)",
+        n as u64,
+        "",
+    );
+    r.add("seconds", "measured for (s)", duration, "");
+    r.add(
+        "daemon_cpu_s",
+        "daemon CPU (s)",
+        (cpu * 1000.0).round() / 1000.0,
+        "",
+    );
+    r.add(
+        "cpu_s_per_min",
+        "daemon CPU per minute (s)",
+        (per_min * 1000.0).round() / 1000.0,
+        &verdict(per_min <= 0.2, "<= 0.2"),
+    );
+    r.add(
+        "wakeups_per_min",
+        "voluntary context switches per minute",
+        (wakeups as f64 * 60.0 / duration as f64).round(),
+        "",
+    );
+    r.add(
+        "token_requests",
+        "token requests (mock)",
+        mock.totals().token_requests,
+        "",
+    );
+    r.add("rss_kib", "daemon RSS (KiB)", rss, "");
+    r
+}
+
+async fn scale(a: &Args, smoke: bool) -> Report {
+    let n = a.n.unwrap_or(if smoke { 20_000 } else { 1_000_000 });
+    let mock = MockProvider::start(MockConfig {
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock");
+    let s = setup(&mock.url(), &format!("log_level = \"{}\"", a.log_level));
+    let f0 = Instant::now();
+    fill(&s.db, scheduled_far_rows(n).into_iter());
+    let fill_s = f0.elapsed().as_secs_f64();
+    let db_mib = std::fs::metadata(&s.db)
+        .map(|m| m.len() / (1024 * 1024))
+        .unwrap_or(0);
+    let mut d = Daemon::spawn(&s);
+    let ready = d.wait_ready(Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_secs(if smoke { 3 } else { 10 })).await;
+    let rss = d.status_kib("VmRSS:");
+    let hwm = d.status_kib("VmHWM:");
+    d.stop();
+    let ready_s = ready.as_secs_f64();
+    let mut r = Report::new("scale");
+    r.add("accounts", "accounts in the database", n as u64, "");
+    r.add("db_mib", "database size (MiB)", db_mib, "");
+    r.add(
+        "fill_s",
+        "pre-fill time (s, not tokend)",
+        (fill_s * 10.0).round() / 10.0,
+        "",
+    );
+    r.add(
+        "ready_s",
+        "process start to READY=1 (s)",
+        (ready_s * 1000.0).round() / 1000.0,
+        &verdict(ready_s <= 1.0, "<= 1 s"),
+    );
+    r.add(
+        "rss_mib",
+        "RSS once settled (MiB)",
+        rss / 1024,
+        &verdict(rss <= 64 * 1024, "<= 64 MiB"),
+    );
+    r.add("peak_rss_mib", "peak RSS (MiB)", hwm / 1024, "");
+    r
+}
+
+fn main() {
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let smoke = args.scenario == "smoke";
+    let scenarios: Vec<&str> = match args.scenario.as_str() {
+        "smoke" | "all" => vec!["capacity", "catchup", "idle", "scale"],
+        s => vec![s],
+    };
+    let mut out = BTreeMap::new();
+    for sc in scenarios {
+        let report = rt.block_on(async {
+            match sc {
+                "capacity" => capacity(&args, smoke).await,
+                "catchup" => catchup(&args, smoke).await,
+                "idle" => idle(&args, smoke).await,
+                "scale" => scale(&args, smoke).await,
+                other => die(&format!("unknown scenario {other}")),
+            }
+        });
+        report.print();
+        out.insert(
+            report.scenario.clone(),
+            serde_json::Value::Object(report.json.into_iter().collect()),
+        );
+    }
+    let path = args.json.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("target/bench-{}.json", args.scenario))
+    });
+    let machine = serde_json::json!({
+        "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())),
+    });
+    let doc = serde_json::json!({"machine": machine, "results": out});
+    if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap_or_default()) {
+        eprintln!("tokend_bench: cannot write {}: {e}", path.display());
+    } else {
+        println!("\nresults written to {}", path.display());
+    }
+    if smoke {
+        // The smoke run checks the harness works end to end, with tiny sizes; figures not judged.
+        let lapses = doc["results"]["capacity"]["lapses"].as_u64().unwrap_or(1);
+        let reuse = doc["results"]["capacity"]["reuse_attempts"]
+            .as_u64()
+            .unwrap_or(1);
+        if lapses != 0 || reuse != 0 {
+            eprintln!("tokend_bench smoke: {lapses} lapses, {reuse} reuse attempts in a tiny run");
+            std::process::exit(1);
+        }
+    }
+}

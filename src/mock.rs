@@ -157,6 +157,8 @@ struct Inner {
     log: Vec<(i64, u16, Option<u32>)>,
     /// A second client secret accepted during a rotation.
     also_accepted: Option<String>,
+    /// Per grant: how long before the presented pair's access token expired it came (ms).
+    headroom_ms: Vec<i64>,
 }
 
 /// A running mock server. Dropping it stops the server.
@@ -220,6 +222,7 @@ impl MockProvider {
             newest: HashMap::new(),
             log: Vec::new(),
             also_accepted: None,
+            headroom_ms: Vec::new(),
         }));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let state = AppState {
@@ -380,6 +383,12 @@ impl MockProvider {
             .iter()
             .map(|(t, s, a)| (*t, *s, a.map(|i| g.accounts[i as usize].0.clone())))
             .collect()
+    }
+
+    /// For each grant so far, how many ms before the previous access token's expiry it came
+    /// (negative: after it, a lapse).
+    pub fn headrooms(&self) -> Vec<i64> {
+        self.lock().headroom_ms.clone()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -803,6 +812,9 @@ fn exchange(state: &AppState, p: &HashMap<String, String>) -> Response {
     {
         stats.lapses += 1;
         stats.worst_gap_ms = stats.worst_gap_ms.max(now - prev);
+    }
+    if let Some(prev) = previous_expiry {
+        g.headroom_ms.push(prev - now);
     }
     g.totals.grants += 1;
     json_200(serde_json::json!({
