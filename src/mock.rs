@@ -81,6 +81,8 @@ pub enum Fault {
     Huge(usize),
     /// A body sent one byte per interval.
     Trickle(Duration),
+    /// `401 invalid_token`, as token/info answers for a dead token.
+    InvalidToken,
 }
 
 /// Which endpoint a fault plan applies to.
@@ -662,6 +664,7 @@ async fn apply_fault(f: Fault) -> Option<Response> {
             now_ms() / 1000
         ))),
         Fault::Huge(n) => body_200(Body::from(vec![b' '; n])),
+        Fault::InvalidToken => invalid_token(),
         Fault::Trickle(every) => {
             let stream = futures_util::stream::unfold(0u32, move |i| async move {
                 if i > 10_000 {
@@ -850,24 +853,7 @@ async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Respon
         .as_deref()
         .and_then(|t| g.access_valid(t, now))
         .map(|r| (r.account, r.ttl, r.created_ms));
-    let invalid = || {
-        let mut r = (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({
-                "error": "invalid_token",
-                "error_description": "The access token is invalid",
-                "state": "unauthorized"
-            })),
-        )
-            .into_response();
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(
-                "Bearer realm=\"Doorkeeper\", error=\"invalid_token\", error_description=\"The access token is invalid\"",
-            ),
-        );
-        r
-    };
+    let invalid = invalid_token;
     // Any probe counts against the account it names, valid or not.
     let named = token
         .as_deref()
@@ -890,6 +876,25 @@ async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Respon
         "application": {"uid": client},
         "created_at": created / 1000,
     }))
+}
+
+fn invalid_token() -> Response {
+    let mut r = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({
+            "error": "invalid_token",
+            "error_description": "The access token is invalid",
+            "state": "unauthorized"
+        })),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(
+            "Bearer realm=\"Doorkeeper\", error=\"invalid_token\", error_description=\"The access token is invalid\"",
+        ),
+    );
+    r
 }
 
 fn client_ok(g: &Inner, p: &HashMap<String, String>) -> bool {

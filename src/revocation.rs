@@ -6,9 +6,9 @@
 //! the account becomes `revoked`; transient answers never revoke anything and are retried sooner
 //! with backoff. A run still going when the next one fires is not started twice.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,8 @@ pub struct RunSummary {
 pub struct Checker {
     engine: Arc<Engine>,
     running: AtomicBool,
+    /// Accounts with a confirmation or retry pending: runs leave them to it.
+    pending: Mutex<HashSet<String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -43,6 +45,7 @@ impl Checker {
         Arc::new(Checker {
             engine,
             running: AtomicBool::new(false),
+            pending: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
             shutdown,
         })
@@ -111,6 +114,10 @@ impl Checker {
         let mut tick = tokio::time::interval(spacing.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for a in accounts {
+            if self.pending.lock().is_ok_and(|p| p.contains(&a.id)) {
+                s.skipped += 1;
+                continue;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 _ = tick.tick() => {}
@@ -226,11 +233,19 @@ impl Checker {
 
     /// Probe `id` again after `delay` (a confirmation, or a retry after a transient failure).
     fn later(self: &Arc<Self>, id: String, delay: Duration, confirming: bool) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(id.clone());
+        }
         let me = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = me.shutdown.cancelled() => {}
-                _ = tokio::time::sleep(delay) => { me.check(&id, confirming).await; }
+                _ = tokio::time::sleep(delay) => {
+                    if let Ok(mut p) = me.pending.lock() {
+                        p.remove(&id);
+                    }
+                    me.check(&id, confirming).await;
+                }
             }
         });
     }

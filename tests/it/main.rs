@@ -6,3 +6,4 @@ mod config;
 mod helpers;
 mod process;
 mod refresh;
+mod states;
