@@ -101,6 +101,7 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         info.clone(),
         health_path.clone(),
         writer_stop.clone(),
+        |h| notify(&[NotifyState::Status(&health::one_line(h))]),
     ));
     let watchdog = tokio::spawn(watchdog(engine.clone(), writer_stop.clone()));
 

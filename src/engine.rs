@@ -15,6 +15,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::breaker::{Admit, Breakers};
 use crate::config::{Config, DaemonConfig, Profile, TokenType};
 use crate::provider::{Grant, Provider, RefreshError};
 use crate::state::State;
@@ -67,6 +68,8 @@ pub struct Stats {
     /// Bumped whenever the engine gets through a loop turn: the watchdog's proof of progress.
     pub heartbeat: AtomicU64,
     pub store_unwritable: AtomicBool,
+    /// Outcomes the store has refused so far and that are being retried.
+    pub uncommitted: std::sync::atomic::AtomicUsize,
     pub last_errors: Mutex<HashMap<&'static str, (String, i64)>>,
     pub store_error: Mutex<Option<String>>,
 }
@@ -103,6 +106,7 @@ pub struct Engine {
     pub changed: Arc<Notify>,
     wake: Notify,
     paused: Mutex<HashMap<String, PausedProfile>>,
+    breakers: Breakers,
     at_risk_logged: Mutex<HashSet<String>>,
 }
 
@@ -116,6 +120,7 @@ impl Engine {
             changed: Arc::new(Notify::new()),
             wake: Notify::new(),
             paused: Mutex::new(HashMap::new()),
+            breakers: Breakers::default(),
             at_risk_logged: Mutex::new(HashSet::new()),
         })
     }
@@ -165,6 +170,7 @@ impl Engine {
         let mut runtime = self.runtime.clone();
         let mut data_version = self.store.data_version().await.ok();
         let mut last_change_poll = Instant::now();
+        let mut look_for_new = true;
         loop {
             self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
             if shutdown.is_cancelled() {
@@ -180,12 +186,20 @@ impl Engine {
             }
             self.resume_due_profiles(&rt.config).await;
 
-            let writable = !self.stats.store_unwritable.load(Ordering::Relaxed);
+            // While refused outcomes wait in memory, start nothing new.
+            let writable = self.stats.uncommitted.load(Ordering::Relaxed) == 0;
             let mut more = false;
             if writable {
-                more |= self
-                    .evaluate_new(&rt, &evaluating, &tracker, &hard_stop)
-                    .await;
+                // New or relinked rows exist only after another connection committed.
+                // (`None`: the claim failed or slots are full; look again next turn.)
+                if look_for_new
+                    && let Some(full) = self
+                        .evaluate_new(&rt, &evaluating, &tracker, &hard_stop)
+                        .await
+                {
+                    look_for_new = full;
+                    more |= full;
+                }
                 more |= self.refresh_due(&rt, &permits, &tracker, &hard_stop).await;
             }
 
@@ -227,8 +241,9 @@ impl Engine {
             if last_change_poll.elapsed() >= CHANGE_POLL {
                 last_change_poll = Instant::now();
                 let v = self.store.data_version().await.ok();
-                if v != data_version {
+                if v != data_version || v.is_none() {
                     data_version = v;
+                    look_for_new = true;
                     tracing::debug!("database changed by another connection");
                 }
             }
@@ -244,17 +259,18 @@ impl Engine {
 
     /// Look at rows inserted or changed by other programs and schedule them (no requests here:
     /// one already due is scheduled for now and taken by [`Self::refresh_due`]). Returns whether
-    /// more may be waiting.
+    /// more may be waiting, or `None` when the claim failed.
     async fn evaluate_new(
         self: &Arc<Self>,
         rt: &Arc<Runtime>,
         evaluating: &Arc<Semaphore>,
         tracker: &TaskTracker,
         hard_stop: &CancellationToken,
-    ) -> bool {
+    ) -> Option<bool> {
         let room = evaluating.available_permits().min(EVAL_BATCH);
         if room == 0 {
-            return false;
+            // Still writing back the last batches; their completion wakes the loop.
+            return None;
         }
         let now = unix_now();
         let lease_until = now + rt.config.daemon.lease.as_secs_i64();
@@ -266,7 +282,7 @@ impl Engine {
             Ok(a) => a,
             Err(e) => {
                 self.claim_failed(&e);
-                return false;
+                return None;
             }
         };
         let more = accounts.len() == room;
@@ -284,9 +300,10 @@ impl Engine {
             tracker.spawn(async move {
                 engine.commit(update, &hard).await;
                 drop(slot);
+                engine.wake.notify_one();
             });
         }
-        more
+        Some(more)
     }
 
     /// Claim due rows for the free request slots and refresh them. Returns whether more may be due.
@@ -338,8 +355,27 @@ impl Engine {
     }
 
     fn claim_failed(&self, e: &crate::store::StoreError) {
-        tracing::error!(error = %e, "cannot claim accounts");
+        if !self.stats.store_unwritable.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "cannot claim accounts: the store does not accept writes");
+            self.changed.notify_one();
+        }
+        if let Ok(mut m) = self.stats.store_error.lock() {
+            *m = Some(e.to_string());
+        }
         self.stats.record_error("store", &e.to_string());
+    }
+
+    fn store_writes_again(&self) {
+        if self.stats.uncommitted.load(Ordering::Relaxed) == 0
+            && self.stats.store_unwritable.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!("the store accepts writes again");
+            if let Ok(mut e) = self.stats.store_error.lock() {
+                *e = None;
+            }
+            self.changed.notify_one();
+            self.wake.notify_one();
+        }
     }
 
     /// When a paused profile's retry time comes, or its config changed, let one of its accounts
@@ -390,30 +426,33 @@ impl Engine {
     /// Commit an outcome; if the store cannot write, keep it and try again until it can.
     pub async fn commit(&self, update: Update, hard_stop: &CancellationToken) {
         let mut delay = Duration::from_millis(100);
+        let mut held = false;
         loop {
             match self.store.apply(update.clone(), &self.owner).await {
-                Ok(Applied::Yes) => {
-                    if self.stats.store_unwritable.swap(false, Ordering::Relaxed) {
-                        tracing::info!("the store accepts writes again");
-                        if let Ok(mut e) = self.stats.store_error.lock() {
-                            *e = None;
+                Ok(applied) => {
+                    if held {
+                        self.stats.uncommitted.fetch_sub(1, Ordering::Relaxed);
+                        tracing::info!(account_id = %update.id, "held outcome committed");
+                    }
+                    self.store_writes_again();
+                    match applied {
+                        Applied::Yes if update.from != Some(update.to) => {
+                            log_transition(&update);
+                            self.changed.notify_one();
                         }
-                        self.wake.notify_one();
+                        Applied::Yes => {}
+                        Applied::Stale => tracing::warn!(
+                            account_id = %update.id,
+                            "account changed by another program while being handled; its new row wins"
+                        ),
                     }
-                    if update.from != Some(update.to) {
-                        log_transition(&update);
-                        self.changed.notify_one();
-                    }
-                    return;
-                }
-                Ok(Applied::Stale) => {
-                    tracing::warn!(
-                        account_id = %update.id,
-                        "account changed by another program while being handled; its new row wins"
-                    );
                     return;
                 }
                 Err(e) => {
+                    if !held {
+                        held = true;
+                        self.stats.uncommitted.fetch_add(1, Ordering::Relaxed);
+                    }
                     if !self.stats.store_unwritable.swap(true, Ordering::Relaxed) {
                         tracing::error!(error = %e, "the store cannot write; holding outcomes in memory and retrying");
                         self.changed.notify_one();
@@ -429,7 +468,7 @@ impl Engine {
                             return;
                         }
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
@@ -518,6 +557,16 @@ impl Engine {
         if !self.may_request(&profile.name) {
             return Plan::Write(base(State::Paused, Some("profile is paused".into()), None));
         }
+        if let Admit::Defer(until) = self.breakers.admit(&profile.name, now) {
+            // The profile's server is mostly failing: wait for the breaker's probe, no request.
+            let reason = format!(
+                "circuit open for profile {}: most requests fail",
+                profile.name
+            );
+            let mut u = base(State::Failing, Some(reason.clone()), Some(until)).with_error(reason);
+            u.failures = a.failures;
+            return Plan::Write(u);
+        }
         Plan::Refresh(Box::new(RefreshJob {
             account: a.clone(),
             profile: profile.clone(),
@@ -560,6 +609,7 @@ impl Engine {
         match result {
             Ok(grant) => {
                 self.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                self.breaker_record(rt, &profile, false, now).await;
                 if self.unpause(&profile.name) {
                     self.resume_profile_all(&rt.config, &profile.name, now)
                         .await;
@@ -576,10 +626,12 @@ impl Engine {
             }
             Err(RefreshError::InvalidGrant(desc)) => {
                 self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                // The server answered: as far as the breaker is concerned, it works.
+                self.breaker_record(rt, &profile, false, now).await;
                 let reason = format!("invalid_grant: {desc}");
                 self.stats.record_error("refresh", &reason);
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "invalid_grant",
-                    latency_ms, "refresh");
+                    latency_ms, next_action_at = "none: needs reauthorisation", "refresh");
                 base(
                     State::NeedsReauth,
                     Some("the provider rejected the grant (invalid_grant)".into()),
@@ -592,7 +644,7 @@ impl Engine {
                 let reason = format!("profile {}: {code}: {description}", profile.name);
                 self.stats.record_error("profile", &reason);
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = %code,
-                    latency_ms, "refresh");
+                    latency_ms, next_action_at = "none: profile paused", "refresh");
                 self.pause_profile(&rt.config, &profile, &reason, now).await;
                 let mut u = base(State::Paused, Some(reason.clone()), None).with_error(reason);
                 u.failures = a.failures;
@@ -604,6 +656,7 @@ impl Engine {
             }) => {
                 self.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
                 self.stats.record_error("refresh", &reason);
+                self.breaker_record(rt, &profile, true, now).await;
                 let failures = a.failures.saturating_add(1);
                 let delay = backoff(d, failures).max(retry_after.unwrap_or_default());
                 let next = unix_after(delay.max(Duration::from_secs(1)));
@@ -617,6 +670,37 @@ impl Engine {
                 u
             }
         }
+    }
+
+    async fn breaker_record(&self, rt: &Runtime, profile: &Profile, failed: bool, now: i64) {
+        let d = &rt.config.daemon;
+        let initial = d.retry_initial.get().max(Duration::from_secs(5));
+        match self
+            .breakers
+            .record(&profile.name, failed, now, initial, d.retry_max.get())
+        {
+            Some(false) => {
+                tracing::warn!(profile = %profile.name, "most requests to this profile fail: circuit open, probing with one request at a time");
+            }
+            Some(true) => {
+                // Recovered: the accounts left failing are due at once, not at their backoff.
+                let is_default = rt.config.profiles.len() == 1;
+                let woken = self
+                    .store
+                    .wake_failing(&profile.name, is_default, now)
+                    .await
+                    .unwrap_or(0);
+                tracing::info!(profile = %profile.name, accounts = woken,
+                    "profile answers again: circuit closed, failing accounts retried now");
+                self.wake.notify_one();
+            }
+            None => {}
+        }
+    }
+
+    /// Profiles whose circuit breaker is open.
+    pub fn open_circuits(&self) -> Vec<String> {
+        self.breakers.open()
     }
 
     /// Whether a request may go to `profile`: always unless it is paused, and then once per

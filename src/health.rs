@@ -105,6 +105,7 @@ pub struct DaemonInfo {
     pub stopping: std::sync::atomic::AtomicBool,
     pub heartbeat: Mutex<Duration>,
     pub refresh_token_risk: Mutex<(i64, i64)>,
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl DaemonInfo {
@@ -121,6 +122,7 @@ impl DaemonInfo {
             stopping: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Mutex::new(heartbeat),
             refresh_token_risk: Mutex::new((lifetime, margin)),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -272,7 +274,9 @@ pub fn write_atomic(path: &Path, health: &Health) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp: PathBuf = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
     let body = serde_json::to_vec_pretty(health).map_err(std::io::Error::other)?;
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -296,6 +300,7 @@ pub async fn run_writer(
     info: Arc<DaemonInfo>,
     path: Arc<Mutex<PathBuf>>,
     shutdown: CancellationToken,
+    on_write: impl Fn(&Health) + Send + 'static,
 ) {
     let changed = engine.changed.clone();
     let mut last_write = tokio::time::Instant::now() - Duration::from_secs(1);
@@ -318,17 +323,21 @@ pub async fn run_writer(
                 }
             }
         }
-        write_now(&engine, &info, &path).await;
+        if let Some(h) = write_now(&engine, &info, &path).await {
+            on_write(&h);
+        }
         last_write = tokio::time::Instant::now();
     }
 }
 
-/// Take a snapshot and write it; a failed write is logged, not fatal.
+/// Take a snapshot and write it; a failed write is logged, not fatal. Writes are serialised so
+/// an older snapshot never replaces a newer one.
 pub async fn write_now(
     engine: &Engine,
     info: &DaemonInfo,
     path: &Mutex<PathBuf>,
 ) -> Option<Health> {
+    let _turn = info.writing.lock().await;
     let h = snapshot(engine, info).await;
     let p = path.lock().map(|p| p.clone()).ok()?;
     let (h2, p2) = (h.clone(), p.clone());

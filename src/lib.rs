@@ -4,6 +4,7 @@
 //! - [`config`]: the TOML file, validated; connector profiles and their secrets.
 //! - [`store`]: the SQLite account store, on its own thread; no SQL outside it.
 //! - [`provider`]: the OAuth client (refresh, revocation probes), answers classified.
+//! - [`breaker`]: per-profile circuit breakers for provider outages.
 //! - [`engine`]: claims due accounts, refreshes them, writes outcomes back.
 //! - [`revocation`]: cron-scheduled revocation checks of company tokens.
 //! - [`health`]: the health file and the one-line status.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod daemon;

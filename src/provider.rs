@@ -292,11 +292,13 @@ fn parse_grant(body: &[u8], now: i64) -> Result<Grant, String> {
     if expires_in <= 0 || expires_in > MAX_EXPIRES_IN {
         return Err(format!("expires_in {expires_in} is out of range"));
     }
+    // created_at far from our clock, or one that would make the new token already expired, is
+    // not believed: our clock then dates the token.
     let issued = r
         .created_at
         .as_ref()
         .and_then(as_i64)
-        .filter(|c| (c - now).abs() <= MAX_CLOCK_SKEW)
+        .filter(|c| (c - now).abs() <= MAX_CLOCK_SKEW && c + expires_in > now)
         .unwrap_or(now);
     let scopes = match r.scope {
         Some(serde_json::Value::String(s)) => Some(s),

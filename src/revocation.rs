@@ -179,6 +179,7 @@ impl Checker {
             checked_at: Some(now),
             now,
         };
+        let mut next_action_at = next_run(&d.revocation_schedule, now);
         let verdict = match outcome {
             ProbeOutcome::Active => {
                 engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
@@ -190,6 +191,7 @@ impl Checker {
                 Verdict::Active
             }
             ProbeOutcome::Dead(why) if confirming => {
+                next_action_at = None;
                 engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
                 u.to = State::Revoked;
                 u.reason = Some(format!("revocation confirmed by a second probe: {why}"));
@@ -199,7 +201,9 @@ impl Checker {
             ProbeOutcome::Dead(why) => {
                 engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
                 u.last_error = Some(format!("probe says dead ({why}); confirming"));
-                self.later(a.id.clone(), d.revocation_confirm_delay.get(), true);
+                let delay = d.revocation_confirm_delay.get();
+                next_action_at = Some(now + delay.as_secs() as i64);
+                self.later(a.id.clone(), delay, true);
                 Verdict::Suspect
             }
             ProbeOutcome::Transient {
@@ -214,6 +218,7 @@ impl Checker {
                 u.last_error = Some(reason);
                 u.checked_at = None;
                 let delay = backoff(d, u.failures).max(retry_after.unwrap_or_default());
+                next_action_at = Some(now + delay.as_secs() as i64);
                 self.later(a.id.clone(), delay, confirming);
                 Verdict::Transient
             }
@@ -226,7 +231,7 @@ impl Checker {
             }
         };
         tracing::info!(account_id = %a.id, profile = %profile.name, outcome = verdict.as_str(),
-            latency_ms, "probe");
+            latency_ms, next_action_at, "probe");
         engine.commit(u, &self.shutdown).await;
         Some(verdict)
     }
@@ -274,6 +279,20 @@ impl Verdict {
             Verdict::Revoked => "revoked",
         }
     }
+}
+
+/// The next firing of a six-field cron expression after `now` (unix seconds, UTC).
+pub fn next_run(cron: &str, now: i64) -> Option<i64> {
+    let schedule = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(cron)
+        .ok()?;
+    let start = chrono::DateTime::from_timestamp(now, 0)?;
+    schedule
+        .find_next_occurrence(&start, false)
+        .ok()
+        .map(|t| t.timestamp())
 }
 
 /// Schedule [`Checker::run_once`] on the configured cron expression (UTC). Returns the scheduler,

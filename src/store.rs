@@ -178,6 +178,9 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Store {
     tx: std_mpsc::Sender<Cmd>,
+    /// Reads go to a second connection on a thread of its own, so a writer stuck behind a lock
+    /// (busy timeout, full disk) never delays the health file or the CLI.
+    rtx: std_mpsc::Sender<Cmd>,
     path: PathBuf,
 }
 
@@ -191,13 +194,28 @@ impl Store {
     /// Open (creating if needed) and migrate the database, then start the store thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = open_connection(path)?;
+        let reader = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let _ = reader.busy_timeout(Duration::from_secs(5));
+        let spawn = |name: &str, conn: Connection, rx: std_mpsc::Receiver<Cmd>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || serve(conn, rx))
+                .map_err(|e| StoreError::Rejected(format!("cannot start the store thread: {e}")))
+        };
         let (tx, rx) = std_mpsc::channel();
-        std::thread::Builder::new()
-            .name("tokend-store".into())
-            .spawn(move || serve(conn, rx))
-            .map_err(|e| StoreError::Rejected(format!("cannot start the store thread: {e}")))?;
+        spawn("tokend-store", conn, rx)?;
+        let (rtx, rrx) = std_mpsc::channel();
+        spawn("tokend-store-read", reader, rrx)?;
         Ok(Store {
             tx,
+            rtx,
             path: path.to_owned(),
         })
     }
@@ -222,6 +240,18 @@ impl Store {
             }))
         })
         .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Cmd::Run(Box::new(move |c| {
+            let _ = reply.send(f(c));
+        }));
+        self.rtx.send(cmd).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Claim up to `limit` accounts that no one else holds, leasing them to `owner`: with
@@ -260,7 +290,7 @@ impl Store {
 
     /// The earliest scheduled action among accounts, if any.
     pub async fn next_due(&self) -> Result<Option<i64>, StoreError> {
-        self.run(|c| next_due(c)).await
+        self.read(|c| next_due(c)).await
     }
 
     /// Changes whenever another connection commits: the cheap way to notice rows written by
@@ -271,20 +301,20 @@ impl Store {
     }
 
     pub async fn list(&self, state: Option<State>) -> Result<Vec<Summary>, StoreError> {
-        self.run(move |c| list(c, state)).await
+        self.read(move |c| list(c, state)).await
     }
 
     pub async fn counts(&self) -> Result<Vec<Count>, StoreError> {
-        self.run(|c| counts(c)).await
+        self.read(|c| counts(c)).await
     }
 
     pub async fn events(&self, account: Option<String>) -> Result<Vec<Event>, StoreError> {
-        self.run(move |c| events(c, account.as_deref())).await
+        self.read(move |c| events(c, account.as_deref())).await
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Account>, StoreError> {
         let id = id.to_owned();
-        self.run(move |c| get(c, &id)).await
+        self.read(move |c| get(c, &id)).await
     }
 
     /// Insert or replace accounts, all or nothing.
@@ -347,6 +377,25 @@ impl Store {
         .await
     }
 
+    /// Make the failing accounts of `profile` due now (its server answers again).
+    pub async fn wake_failing(
+        &self,
+        profile: &str,
+        is_default: bool,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let profile = profile.to_owned();
+        self.run(move |c| {
+            Ok(c.execute(
+                "UPDATE accounts SET next_action_at = ?3
+                 WHERE (profile = ?1 OR (?2 AND profile IS NULL)) AND state = 'failing'
+                   AND next_action_at > ?3 AND (lease_until IS NULL OR lease_until <= ?3)",
+                params![profile, is_default, now],
+            )? as u64)
+        })
+        .await
+    }
+
     /// Accounts in any state but `active` (at most `limit`, as `(id, state)`), and user accounts
     /// whose refresh token was issued before `risk_before` (at most `limit` ids, and their count).
     pub async fn attention(
@@ -354,7 +403,7 @@ impl Store {
         risk_before: i64,
         limit: usize,
     ) -> Result<(Vec<(String, String)>, Vec<String>, u64), StoreError> {
-        self.run(move |c| {
+        self.read(move |c| {
             let bad = c
                 .prepare_cached(
                     "SELECT id, state FROM accounts WHERE state <> 'active' ORDER BY state, id LIMIT ?1",
@@ -381,7 +430,7 @@ impl Store {
 
     /// Company tokens that a revocation run should probe: active or failing, not leased.
     pub async fn company_accounts(&self, now: i64) -> Result<Vec<Account>, StoreError> {
-        self.run(move |c| company_accounts(c, now)).await
+        self.read(move |c| company_accounts(c, now)).await
     }
 
     /// Lease one account to `owner` (for on-demand use), if no one else holds it.
@@ -423,7 +472,7 @@ impl Store {
 
     /// Run `PRAGMA integrity_check`; `Ok(())` when the database is sound.
     pub async fn integrity_check(&self) -> Result<(), StoreError> {
-        self.run(|c| {
+        self.read(|c| {
             let r: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
             if r == "ok" {
                 Ok(())

@@ -3,7 +3,10 @@
 
 mod cli;
 mod config;
+mod crash;
+mod faults;
 mod helpers;
+mod hostile;
 mod process;
 mod refresh;
 mod states;

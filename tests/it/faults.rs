@@ -1,0 +1,363 @@
+//! Nothing lost: provider faults, outages, two daemons on one database, a locked store.
+
+use std::time::Duration;
+
+use tokend::mock::{Endpoint, Fault, MockConfig, Rotation};
+
+use crate::helpers::{Env, eventually};
+
+fn assert_db_matches_mock(env: &Env, ids: &[String]) {
+    for id in ids {
+        let (access, refresh, _) = env.tokens(id);
+        let (a, r) = env.mock.newest(id).expect("issued");
+        assert_eq!(
+            access.as_deref(),
+            Some(a.as_str()),
+            "{id}: stored access token is not the newest"
+        );
+        assert_eq!(refresh, r, "{id}: stored refresh token is not the newest");
+        assert!(
+            env.mock
+                .refresh_token_live(refresh.as_deref().expect("refresh")),
+            "{id}: stored refresh token is dead"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_faults_never_cost_a_token() {
+    let env = Env::new(
+        MockConfig {
+            rotation: Rotation::Immediate,
+            access_ttl: Duration::from_secs(30),
+            ..MockConfig::default()
+        },
+        "refresh_lead = \"24s\"\nrefresh_jitter = \"1s\"\nhttp_timeout = \"2s\"\nretry_initial = \"500ms\"\nretry_max = \"1s\"\nmax_response_bytes = 65536",
+    )
+    .await;
+    let ids: Vec<String> = (0..30).map(|i| format!("u{i:02}")).collect();
+    for id in &ids {
+        env.add_user(id, Duration::from_millis(fastrand::u64(0..8000)));
+    }
+    let date =
+        |s: u64| httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(s));
+    let m = &env.mock;
+    for (p, f) in [
+        (
+            0.10,
+            Fault::Status {
+                code: 500,
+                retry_after: None,
+            },
+        ),
+        (
+            0.10,
+            Fault::Status {
+                code: 502,
+                retry_after: None,
+            },
+        ),
+        (
+            0.10,
+            Fault::Status {
+                code: 503,
+                retry_after: None,
+            },
+        ),
+        (0.10, Fault::Hang(Duration::from_secs(3))),
+        (0.02, Fault::Html),
+        (0.02, Fault::Truncated),
+        (0.02, Fault::NoAccessToken),
+        (0.02, Fault::ExpiresIn(-5)),
+        (0.01, Fault::ExpiresIn(99_999_999_999)),
+        (0.01, Fault::Huge(10 * 1024 * 1024)),
+        (0.01, Fault::Trickle(Duration::from_secs(1))),
+        (0.02, Fault::Drop),
+    ] {
+        m.add_random_fault(Endpoint::Token, p, f);
+    }
+    let daemon = env.start();
+    // Bursts of 429 in both Retry-After forms along the way.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        let ra = if round % 2 == 0 {
+            "2".to_owned()
+        } else {
+            date(3)
+        };
+        m.push_faults(
+            Endpoint::Token,
+            (0..8).map(|_| Fault::Status {
+                code: 429,
+                retry_after: Some(ra.clone()),
+            }),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    for bad in ["needs_reauth", "revoked", "invalid", "paused"] {
+        assert_eq!(
+            env.count_state(bad),
+            0,
+            "an account went {bad} under provider faults"
+        );
+    }
+    daemon.stop().await;
+    let t = m.totals();
+    eprintln!(
+        "faults: {} injected in {} token requests; {} grants",
+        t.faults, t.token_requests, t.grants
+    );
+    assert!(t.faults >= 50, "too few faults to mean anything: {t:?}");
+    assert_eq!(t.lapses, 0, "{t:?}");
+    assert!(m.expired_now().is_empty(), "expired: {:?}", m.expired_now());
+    assert_eq!(t.reuse_attempts, 0, "{t:?}");
+    assert_db_matches_mock(&env, &ids);
+    for id in &ids {
+        assert!(
+            m.account(id).grants >= 2,
+            "{id} refreshed {} times",
+            m.account(id).grants
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_minute_outage_costs_few_requests_and_recovers_quickly() {
+    const N: u64 = 40;
+    let env = Env::new(
+        MockConfig::default(),
+        "retry_initial = \"2s\"\nretry_max = \"20s\"\nlog_level = \"info\"",
+    )
+    .await;
+    for i in 0..N {
+        env.add_user(&format!("u{i:02}"), Duration::from_secs(3590));
+    }
+    env.mock.set_outage(Endpoint::Token, true);
+    let mut bin = env.spawn_binary(&[]);
+    eventually(Duration::from_secs(20), "all failing", || {
+        env.count_state("failing") == N as i64
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(115)).await;
+    let during = env.mock.totals().token_requests;
+    for bad in ["needs_reauth", "revoked", "invalid", "paused"] {
+        assert_eq!(env.count_state(bad), 0, "an outage made an account {bad}");
+    }
+    env.mock.set_outage(Endpoint::Token, false);
+    let back = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(25),
+        "all active within one backoff period",
+        || env.count_state("active") == N as i64,
+    )
+    .await;
+    let recovered_in = back.elapsed();
+    bin.signal("TERM");
+    assert_eq!(bin.wait(Duration::from_secs(15)).await, Some(0));
+    eprintln!(
+        "outage: {during} token requests for {N} accounts in ~2 minutes; recovered in {recovered_in:?}"
+    );
+    assert!(
+        during <= 3 * N,
+        "{during} requests during the outage for {N} accounts"
+    );
+    let logs = bin.stderr();
+    let recoveries = logs
+        .lines()
+        .filter(|l| l.contains("account state") && l.contains("to=\"active\""))
+        .count();
+    assert!(recoveries <= N as usize, "{recoveries} recovery lines");
+    let failing_lines = logs
+        .lines()
+        .filter(|l| l.contains("account state") && l.contains("to=\"failing\""))
+        .count();
+    assert_eq!(
+        failing_lines, N as usize,
+        "each account logged going failing once: {failing_lines}"
+    );
+    assert_eq!(env.mock.totals().reuse_attempts, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_one_database_without_reuse() {
+    let env = Env::new(
+        MockConfig {
+            rotation: Rotation::RevokeOnUse,
+            access_ttl: Duration::from_secs(8),
+            ..MockConfig::default()
+        },
+        "refresh_lead = \"3s\"\nrefresh_jitter = \"1s\"\nlease = \"5s\"\nhttp_timeout = \"2s\"",
+    )
+    .await;
+    let ids: Vec<String> = (0..60).map(|i| format!("u{i:02}")).collect();
+    for id in &ids {
+        env.add_user(id, Duration::from_millis(fastrand::u64(0..7000)));
+    }
+    let a = env.spawn_binary(&[]);
+    let mut b = env.spawn_binary(&[]);
+    eventually(Duration::from_secs(40), "three cycles", || {
+        ids.iter().all(|id| env.mock.account(id).grants >= 3)
+    })
+    .await;
+    let t = env.mock.totals();
+    assert_eq!(t.reuse_attempts, 0, "{t:?}");
+    assert_eq!(t.concurrent_same_account, 0, "{t:?}");
+    assert_eq!(t.errors, 0, "{t:?}");
+    // Both took part.
+    let a_log = a.stderr();
+    let b_log = b.stderr();
+    let refreshes = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("outcome=\"refreshed\""))
+            .count()
+    };
+    eprintln!(
+        "daemon A refreshed {}, daemon B {}",
+        refreshes(&a_log),
+        refreshes(&b_log)
+    );
+    assert!(refreshes(&a_log) > 0 && refreshes(&b_log) > 0);
+
+    // kill -9 A: B takes over its accounts within one lease period. (A kill between the
+    // provider's answer and A's commit cuts that chain; revoke_on_use lets B carry on from the
+    // committed pair, and each such cut shows as one reuse attempt.)
+    let reuse_before = env.mock.totals().reuse_attempts;
+    let in_flight = env.mock.in_flight() as u64;
+    let mut a = a;
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let killed = std::time::Instant::now();
+    let before: Vec<u64> = ids.iter().map(|id| env.mock.account(id).grants).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while !ids
+        .iter()
+        .zip(&before)
+        .all(|(id, n)| env.mock.account(id).grants > *n)
+    {
+        if std::time::Instant::now() > deadline {
+            let log = b.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let behind: Vec<&String> = ids
+                .iter()
+                .zip(&before)
+                .filter(|(id, n)| env.mock.account(id).grants <= **n)
+                .map(|(id, _)| id)
+                .collect();
+            panic!(
+                "B did not take over {behind:?}; B's log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "B covered all accounts {:?} after A was killed",
+        killed.elapsed()
+    );
+    assert!(
+        env.mock.expired_now().is_empty(),
+        "lapsed after the kill: {:?}",
+        env.mock.expired_now()
+    );
+    b.signal("TERM");
+    assert_eq!(b.wait(Duration::from_secs(10)).await, Some(0));
+    let t = env.mock.totals();
+    assert_eq!(reuse_before, 0);
+    assert!(
+        t.reuse_attempts <= 8,
+        "{} reuse attempts after the kill ({in_flight} in flight when it came)",
+        t.reuse_attempts
+    );
+    for id in &ids {
+        assert_eq!(env.state(id), "active", "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_store_holds_refreshed_pairs_until_it_can_write() {
+    let env = Env::new(
+        MockConfig {
+            rotation: Rotation::Immediate,
+            ..MockConfig::default()
+        },
+        "health_interval = \"1s\"",
+    )
+    .await;
+    let ids: Vec<String> = (0..5).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        env.add_user(id, Duration::from_secs(3000));
+    }
+    let daemon = env.start();
+    eventually(Duration::from_secs(10), "scheduled", || {
+        env.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM accounts WHERE next_action_at > 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .is_ok_and(|n| n == 5)
+    })
+    .await;
+    // Slow answers, so the lock can be taken while refreshes are in flight: their pairs come
+    // back while another writer holds the database longer than the 5 s busy timeout.
+    env.mock.push_faults(
+        Endpoint::Token,
+        (0..5).map(|_| Fault::Delay(Duration::from_secs(1))),
+    );
+    env.conn()
+        .execute(
+            "UPDATE accounts SET next_action_at = strftime('%s','now')",
+            [],
+        )
+        .expect("make due");
+    eventually(Duration::from_secs(10), "refreshes in flight", || {
+        env.mock.in_flight() >= 5
+    })
+    .await;
+    let locker = env.conn();
+    locker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let health = |env: &Env| {
+        std::fs::read_to_string(&env.health)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .unwrap_or_default()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "health says failing with the reason",
+        || {
+            let h = health(&env);
+            h["status"] == "failing"
+                && h["store"]["writable"] == false
+                && h["store"]["error"].is_string()
+        },
+    )
+    .await;
+    let granted = env.mock.totals().grants;
+    assert_eq!(granted, 5, "the provider answered every refresh");
+    // Nothing was written, and no new refresh started while the store could not write.
+    for id in &ids {
+        assert_ne!(
+            env.tokens(id).0,
+            env.mock.newest(id).map(|n| n.0),
+            "{id} committed through a lock"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.mock.totals().token_requests, 5);
+    locker.execute_batch("COMMIT").expect("unlock");
+    drop(locker);
+    eventually(Duration::from_secs(20), "all committed", || {
+        ids.iter()
+            .all(|id| env.tokens(id).0 == env.mock.newest(id).map(|n| n.0))
+    })
+    .await;
+    eventually(Duration::from_secs(10), "healthy again", || {
+        health(&env)["store"]["writable"] == true
+    })
+    .await;
+    daemon.stop().await;
+    eprintln!("{granted} refreshes answered while the store was locked");
+    assert_eq!(env.mock.totals().reuse_attempts, 0);
+    assert_db_matches_mock(&env, &ids);
+}
