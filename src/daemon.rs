@@ -81,9 +81,9 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
     ));
     let health_path = Arc::new(Mutex::new(d.health_file.clone()));
 
-    // A first health file, so monitoring sees `starting` rather than nothing.
-    let mut first = health::snapshot(&engine, &info).await;
-    first.status = "starting".into();
+    // A first health file, so monitoring sees `starting` rather than nothing. It counts
+    // nothing: with a million accounts counting takes longer than starting.
+    let first = health::starting(&engine, &info);
     if let Err(e) = health::write_atomic(&d.health_file, &first) {
         tracing::error!(path = %d.health_file.display(), error = %e, "cannot write the health file");
     }
@@ -107,11 +107,13 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
 
     tracing::info!(instance = engine.owner(), database = %d.database.display(),
         version = env!("CARGO_PKG_VERSION"), "tokend started");
+    // Ready: the store is open and migrated, the engine and the schedule are running.
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("started; counting accounts"),
+    ]);
     if let Some(h) = health::write_now(&engine, &info, &health_path).await {
-        notify(&[
-            NotifyState::Ready,
-            NotifyState::Status(&health::one_line(&h)),
-        ]);
+        notify(&[NotifyState::Status(&health::one_line(&h))]);
     }
 
     loop {

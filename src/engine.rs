@@ -67,6 +67,9 @@ pub struct Stats {
     pub probes_failed: AtomicU64,
     /// Bumped whenever the engine gets through a loop turn: the watchdog's proof of progress.
     pub heartbeat: AtomicU64,
+    /// Bumped on every write of ours and every commit seen from another connection: the health
+    /// writer recounts accounts only when it moved.
+    pub generation: AtomicU64,
     pub store_unwritable: AtomicBool,
     /// Outcomes the store has refused so far and that are being retried.
     pub uncommitted: std::sync::atomic::AtomicUsize,
@@ -154,6 +157,12 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Something in the store changed state: recount for the health file.
+    fn state_changed(&self) {
+        self.stats.generation.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
     /// Wake the loop (a reload, a resumed profile).
     pub fn poke(&self) {
         self.wake.notify_one();
@@ -171,6 +180,9 @@ impl Engine {
         let mut data_version = self.store.data_version().await.ok();
         let mut last_change_poll = Instant::now();
         let mut look_for_new = true;
+        // The earliest scheduled action we know of, and whether it may be stale.
+        let mut known_next: Option<i64> = None;
+        let mut dirty = true;
         loop {
             self.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
             if shutdown.is_cancelled() {
@@ -184,12 +196,16 @@ impl Engine {
             } else if want < limit {
                 limit -= permits.forget_permits(limit - want);
             }
-            self.resume_due_profiles(&rt.config).await;
+            dirty |= self.resume_due_profiles(&rt.config).await;
 
+            // Nothing can be due before the earliest scheduled time we know of, unless
+            // something changed since we looked: then skip the claims (write transactions).
+            let now = unix_now();
+            let may_be_due = dirty || look_for_new || known_next.is_none_or(|t| t <= now);
             // While refused outcomes wait in memory, start nothing new.
             let writable = self.stats.uncommitted.load(Ordering::Relaxed) == 0;
             let mut more = false;
-            if writable {
+            if writable && may_be_due {
                 // New or relinked rows exist only after another connection committed.
                 // (`None`: the claim failed or slots are full; look again next turn.)
                 if look_for_new
@@ -202,16 +218,15 @@ impl Engine {
                 }
                 more |= self.refresh_due(&rt, &permits, &tracker, &hard_stop).await;
             }
+            if !more && (dirty || may_be_due) {
+                known_next = self.store.next_due().await.ok().flatten();
+                dirty = false;
+            }
 
             // Sleep until the next due time, a freed slot (if work is waiting), a change by
             // another program (polled cheaply), a reload, or shutdown.
-            let next = if more {
-                None
-            } else {
-                self.store.next_due().await.ok().flatten()
-            };
             let now = unix_now();
-            let until_due = match next {
+            let until_due = match known_next {
                 _ if more => Duration::ZERO,
                 Some(t) if t <= now => {
                     // Due but held by a lease (ours in flight, or another instance's): look
@@ -227,14 +242,14 @@ impl Engine {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(sleep) => {}
-                    _ = self.wake.notified() => {}
-                    _ = runtime.changed() => {}
+                    _ = self.wake.notified() => dirty = true,
+                    _ = runtime.changed() => dirty = true,
                 }
             } else if more && permits.available_permits() == 0 {
                 // Work is waiting for a free slot.
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = self.wake.notified() => {}
+                    _ = self.wake.notified() => dirty = true,
                     _ = tokio::time::sleep(poll_in.max(Duration::from_millis(10))) => {}
                 }
             }
@@ -244,6 +259,8 @@ impl Engine {
                 if v != data_version || v.is_none() {
                     data_version = v;
                     look_for_new = true;
+                    dirty = true;
+                    self.stats.generation.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("database changed by another connection");
                 }
             }
@@ -357,7 +374,7 @@ impl Engine {
     fn claim_failed(&self, e: &crate::store::StoreError) {
         if !self.stats.store_unwritable.swap(true, Ordering::Relaxed) {
             tracing::error!(error = %e, "cannot claim accounts: the store does not accept writes");
-            self.changed.notify_one();
+            self.state_changed();
         }
         if let Ok(mut m) = self.stats.store_error.lock() {
             *m = Some(e.to_string());
@@ -373,18 +390,18 @@ impl Engine {
             if let Ok(mut e) = self.stats.store_error.lock() {
                 *e = None;
             }
-            self.changed.notify_one();
+            self.state_changed();
             self.wake.notify_one();
         }
     }
 
     /// When a paused profile's retry time comes, or its config changed, let one of its accounts
-    /// try again.
-    async fn resume_due_profiles(&self, config: &Config) {
+    /// try again. Returns whether it changed anything.
+    async fn resume_due_profiles(&self, config: &Config) -> bool {
         let now = unix_now();
         let due: Vec<String> = {
             let Ok(mut paused) = self.paused.lock() else {
-                return;
+                return false;
             };
             // A profile that left the config no longer pauses anything.
             paused.retain(|name, _| config.profile(name).is_some());
@@ -407,6 +424,7 @@ impl Engine {
                 })
                 .collect()
         };
+        let changed = !due.is_empty();
         for name in due {
             let is_default = config.profiles.len() == 1;
             match self
@@ -421,6 +439,7 @@ impl Engine {
                 Err(e) => tracing::error!(profile = %name, error = %e, "cannot resume profile"),
             }
         }
+        changed
     }
 
     /// Commit an outcome; if the store cannot write, keep it and try again until it can.
@@ -430,6 +449,7 @@ impl Engine {
         loop {
             match self.store.apply(update.clone(), &self.owner).await {
                 Ok(applied) => {
+                    self.stats.generation.fetch_add(1, Ordering::Relaxed);
                     if held {
                         self.stats.uncommitted.fetch_sub(1, Ordering::Relaxed);
                         tracing::info!(account_id = %update.id, "held outcome committed");
@@ -438,7 +458,7 @@ impl Engine {
                     match applied {
                         Applied::Yes if update.from != Some(update.to) => {
                             log_transition(&update);
-                            self.changed.notify_one();
+                            self.state_changed();
                         }
                         Applied::Yes => {}
                         Applied::Stale => tracing::warn!(
@@ -455,7 +475,7 @@ impl Engine {
                     }
                     if !self.stats.store_unwritable.swap(true, Ordering::Relaxed) {
                         tracing::error!(error = %e, "the store cannot write; holding outcomes in memory and retrying");
-                        self.changed.notify_one();
+                        self.state_changed();
                     }
                     if let Ok(mut m) = self.stats.store_error.lock() {
                         *m = Some(e.to_string());
@@ -751,7 +771,7 @@ impl Engine {
             .await
         {
             Ok(n) if n > 0 => {
-                self.changed.notify_one();
+                self.state_changed();
             }
             Ok(_) => {}
             Err(e) => {
@@ -769,7 +789,7 @@ impl Engine {
         {
             Ok(n) => {
                 tracing::info!(profile = %profile, accounts = n, "profile works again; its accounts resume");
-                self.changed.notify_one();
+                self.state_changed();
                 self.wake.notify_one();
             }
             Err(e) => {

@@ -71,6 +71,9 @@ pub struct ProfileInfo {
     pub by_state: BTreeMap<String, u64>,
     pub paused: bool,
     pub paused_reason: Option<String>,
+    /// Most requests to this profile fail; it is being probed, not hammered.
+    #[serde(default)]
+    pub circuit_open: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -106,6 +109,8 @@ pub struct DaemonInfo {
     pub heartbeat: Mutex<Duration>,
     pub refresh_token_risk: Mutex<(i64, i64)>,
     writing: tokio::sync::Mutex<()>,
+    /// The last account count, with the engine generation it was taken at.
+    counted: Mutex<Option<(u64, Counted)>>,
 }
 
 impl DaemonInfo {
@@ -123,7 +128,35 @@ impl DaemonInfo {
             heartbeat: Mutex::new(heartbeat),
             refresh_token_risk: Mutex::new((lifetime, margin)),
             writing: tokio::sync::Mutex::new(()),
+            counted: Mutex::new(None),
         }
+    }
+}
+
+/// The health file written at start-up, before anything is counted.
+pub fn starting(engine: &Engine, info: &DaemonInfo) -> Health {
+    let now = unix_now();
+    Health {
+        status: "starting".into(),
+        updated_at: now,
+        started_at: info.started_at,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        instance: engine.owner().to_owned(),
+        heartbeat_s: info.heartbeat.lock().map(|d| d.as_secs()).unwrap_or(30),
+        config: info.config.lock().map(|c| c.clone()).unwrap_or_default(),
+        store: StoreInfo {
+            writable: true,
+            error: None,
+        },
+        accounts: AccountCounts::default(),
+        profiles: BTreeMap::new(),
+        next_refresh_at: None,
+        refreshes: Done::default(),
+        probes: Done::default(),
+        last_errors: BTreeMap::new(),
+        at_risk: AtRisk::default(),
+        attention: Vec::new(),
     }
 }
 
@@ -132,47 +165,45 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
     let now = unix_now();
     let store = engine.store();
     let stats = &engine.stats;
-    let mut accounts = AccountCounts::default();
-    let mut profiles: BTreeMap<String, ProfileInfo> = BTreeMap::new();
     let mut store_error = stats.store_error.lock().ok().and_then(|e| e.clone());
-    match store.counts().await {
-        Ok(counts) => {
-            for c in counts {
-                accounts.total += c.count;
-                *accounts.by_state.entry(c.state.clone()).or_default() += c.count;
-                *accounts
-                    .by_token_type
-                    .entry(c.token_type.clone())
-                    .or_default() += c.count;
-                let p = profiles
-                    .entry(c.profile.clone().unwrap_or_else(|| "(default)".into()))
-                    .or_default();
-                p.accounts += c.count;
-                *p.by_state.entry(c.state).or_default() += c.count;
+    // Counting every account is the costly part; do it only when something changed.
+    let generation = stats.generation.load(Ordering::Relaxed);
+    let cached = info
+        .counted
+        .lock()
+        .ok()
+        .and_then(|c| c.clone())
+        .filter(|c| c.0 == generation);
+    let (accounts, mut profiles, attention) = match cached {
+        Some((_, counted)) => counted,
+        None => match count(store).await {
+            Ok(counted) => {
+                if let Ok(mut c) = info.counted.lock() {
+                    *c = Some((generation, counted.clone()));
+                }
+                counted
             }
-        }
-        Err(e) => store_error = Some(e.to_string()),
-    }
+            Err(e) => {
+                store_error = Some(e.to_string());
+                (AccountCounts::default(), BTreeMap::new(), Vec::new())
+            }
+        },
+    };
     for (name, reason) in engine.paused_profiles() {
         let p = profiles.entry(name).or_default();
         p.paused = true;
         p.paused_reason = Some(reason);
     }
+    for name in engine.open_circuits() {
+        profiles.entry(name).or_default().circuit_open = true;
+    }
     let (lifetime, margin) = info.refresh_token_risk.lock().map(|g| *g).unwrap_or((0, 0));
     let risk_before = now - (lifetime - margin);
-    let (attention, at_risk) = match store.attention(risk_before, LIST_LIMIT).await {
-        Ok((bad, risk, count)) => (
-            bad.into_iter()
-                .map(|(id, state)| Attention { id, state })
-                .collect(),
-            AtRisk {
-                count,
-                accounts: risk,
-            },
-        ),
+    let at_risk = match store.at_risk(risk_before, LIST_LIMIT).await {
+        Ok((accounts, count)) => AtRisk { count, accounts },
         Err(e) => {
             store_error = Some(e.to_string());
-            (Vec::new(), AtRisk::default())
+            AtRisk::default()
         }
     };
     let next_refresh_at = store.next_due().await.ok().flatten();
@@ -229,6 +260,33 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
         overall_status(&health).into()
     };
     health
+}
+
+type Counted = (AccountCounts, BTreeMap<String, ProfileInfo>, Vec<Attention>);
+
+async fn count(store: &crate::store::Store) -> Result<Counted, crate::store::StoreError> {
+    let mut accounts = AccountCounts::default();
+    let mut profiles: BTreeMap<String, ProfileInfo> = BTreeMap::new();
+    for c in store.counts().await? {
+        accounts.total += c.count;
+        *accounts.by_state.entry(c.state.clone()).or_default() += c.count;
+        *accounts
+            .by_token_type
+            .entry(c.token_type.clone())
+            .or_default() += c.count;
+        let p = profiles
+            .entry(c.profile.clone().unwrap_or_else(|| "(default)".into()))
+            .or_default();
+        p.accounts += c.count;
+        *p.by_state.entry(c.state).or_default() += c.count;
+    }
+    let attention = store
+        .attention(LIST_LIMIT)
+        .await?
+        .into_iter()
+        .map(|(id, state)| Attention { id, state })
+        .collect();
+    Ok((accounts, profiles, attention))
 }
 
 /// `failing`, `degraded` or `ok`, as documented in the module header and the README.

@@ -396,20 +396,29 @@ impl Store {
         .await
     }
 
-    /// Accounts in any state but `active` (at most `limit`, as `(id, state)`), and user accounts
-    /// whose refresh token was issued before `risk_before` (at most `limit` ids, and their count).
-    pub async fn attention(
+    /// Accounts in any state but `active` (at most `limit`), as `(id, state)`.
+    pub async fn attention(&self, limit: usize) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(move |c| {
+            // An IN list, not `<> 'active'`, so the state index serves it.
+            Ok(c.prepare_cached(
+                "SELECT id, state FROM accounts
+                 WHERE state IN ('failing', 'needs_reauth', 'revoked', 'paused', 'invalid')
+                 ORDER BY state, id LIMIT ?1",
+            )?
+            .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<(String, String)>, _>>()?)
+        })
+        .await
+    }
+
+    /// User accounts whose refresh token was issued before `risk_before`: at most `limit` ids,
+    /// and their count.
+    pub async fn at_risk(
         &self,
         risk_before: i64,
         limit: usize,
-    ) -> Result<(Vec<(String, String)>, Vec<String>, u64), StoreError> {
+    ) -> Result<(Vec<String>, u64), StoreError> {
         self.read(move |c| {
-            let bad = c
-                .prepare_cached(
-                    "SELECT id, state FROM accounts WHERE state <> 'active' ORDER BY state, id LIMIT ?1",
-                )?
-                .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<(String, String)>, _>>()?;
             let risk = c
                 .prepare_cached(
                     "SELECT id FROM accounts WHERE token_type = 'user' AND refresh_issued_at < ?1
@@ -417,13 +426,13 @@ impl Store {
                 )?
                 .query_map(params![risk_before, limit as i64], |r| r.get(0))?
                 .collect::<Result<Vec<String>, _>>()?;
-            let risk_count: i64 = c
+            let count: i64 = c
                 .prepare_cached(
                     "SELECT COUNT(*) FROM accounts WHERE token_type = 'user' AND refresh_issued_at < ?1
                        AND state IN ('active', 'failing')",
                 )?
                 .query_row([risk_before], |r| r.get(0))?;
-            Ok((bad, risk, risk_count as u64))
+            Ok((risk, count as u64))
         })
         .await
     }
