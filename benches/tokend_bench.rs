@@ -185,6 +185,7 @@ struct Daemon {
     child: Child,
     started: Instant,
     notify: UnixDatagram,
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -194,7 +195,8 @@ impl Daemon {
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
-        let log = std::fs::File::create(s.dir.path().join("tokend.log")).expect("log");
+        let log_path = s.dir.path().join("tokend.log");
+        let log = std::fs::File::create(&log_path).expect("log");
         let started = Instant::now();
         let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
             .args(["--config", s.config.to_str().expect("path"), "run"])
@@ -210,6 +212,7 @@ impl Daemon {
             child,
             started,
             notify,
+            log: log_path,
         }
     }
 
@@ -275,19 +278,31 @@ impl Daemon {
             .sum()
     }
 
+    /// SIGTERM and wait; on anything but a clean exit, show the end of the daemon's log.
     fn stop(mut self) -> Option<i32> {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
+        let t0 = Instant::now();
+        let mut code = None;
+        while t0.elapsed() < Duration::from_secs(60) {
             if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
+                code = Some(st.code().unwrap_or(-1));
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        None
+        if code != Some(0) {
+            let _ = self.child.kill();
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            eprintln!(
+                "tokend exit {code:?} after {:?}; its log ends:\n{}",
+                t0.elapsed(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        code
     }
 }
 
