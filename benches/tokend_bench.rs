@@ -186,6 +186,7 @@ struct Daemon {
     started: Instant,
     notify: UnixDatagram,
     log: PathBuf,
+    done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
@@ -213,6 +214,7 @@ impl Daemon {
             started,
             notify,
             log: log_path,
+            done: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -225,7 +227,18 @@ impl Daemon {
                     .lines()
                     .any(|l| l == "READY=1")
             {
-                return self.started.elapsed();
+                let ready = self.started.elapsed();
+                // Keep reading the socket, as systemd does, until the daemon stops.
+                if let Ok(sock) = self.notify.try_clone() {
+                    let done = self.done.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while !done.load(Ordering::Relaxed) {
+                            let _ = sock.recv(&mut buf);
+                        }
+                    });
+                }
+                return ready;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 die(&format!("tokend exited early: {st}"));
@@ -292,6 +305,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.done.store(true, Ordering::Relaxed);
         if code != Some(0) {
             let _ = self.child.kill();
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();

@@ -52,9 +52,28 @@ pub struct Control {
     pub log: Option<LogHandle>,
 }
 
+/// Tell systemd (`$NOTIFY_SOCKET`), never blocking: a service manager that does not read its
+/// socket must not stall the runtime (sd-notify's own `notify` blocks when the socket is full).
+/// Without `NOTIFY_SOCKET` this does nothing.
 fn notify(states: &[NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::debug!(error = %e, "sd_notify failed");
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let msg: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let send = || -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        let addr = match path.as_encoded_bytes().strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        sock.send_to_addr(msg.as_bytes(), &addr)?;
+        Ok(())
+    };
+    if let Err(e) = send() {
+        tracing::debug!(error = %e, "sd_notify message not sent");
     }
 }
 

@@ -371,3 +371,46 @@ fn has_timestamp(line: &str) -> bool {
             && d(12)
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
+    // Found by the capacity benchmark: with a full notify socket, a blocking send stalled the
+    // runtime and SIGTERM went unanswered. The socket queue holds ~10-512 datagrams; the
+    // heartbeat sends one STATUS= a second.
+    let env = Env::new(
+        MockConfig {
+            access_ttl: Duration::from_secs(6),
+            ..MockConfig::default()
+        },
+        "health_interval = \"1s\"",
+    )
+    .await;
+    for i in 0..20 {
+        env.add_user(
+            &format!("u{i}"),
+            Duration::from_millis(fastrand::u64(0..5000)),
+        );
+    }
+    let sock_path = env.dir.path().join("deaf.sock");
+    let _sock = UnixDatagram::bind(&sock_path).expect("bind");
+    let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(10);
+    let mut bin = env.spawn_binary(&[("NOTIFY_SOCKET", sock_path.to_str().expect("path"))]);
+    // Outlast the queue: one STATUS= a second, plus READY=1.
+    let wait = Duration::from_secs(qlen.min(40) + 3);
+    tokio::time::sleep(wait).await;
+    let before = env.mock.totals().grants;
+    eventually(Duration::from_secs(10), "still refreshing", || {
+        env.mock.totals().grants > before
+    })
+    .await;
+    bin.signal("TERM");
+    assert_eq!(
+        bin.wait(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        bin.stderr()
+    );
+}
