@@ -308,10 +308,7 @@ impl Engine {
                 let _ = self.store.release(&a.id, &self.owner).await;
                 continue;
             };
-            let update = match self.triage(rt, &a, now, true) {
-                Plan::Write(u) => u,
-                Plan::Refresh(job) => job.schedule_now(now),
-            };
+            let update = self.schedule(rt, &a, now);
             let engine = self.clone();
             let hard = hard_stop.clone();
             tracker.spawn(async move {
@@ -354,7 +351,7 @@ impl Engine {
                 let _ = self.store.release(&a.id, &self.owner).await;
                 continue;
             };
-            let plan = self.triage(rt, &a, now, false);
+            let plan = self.plan(rt, &a, now);
             let engine = self.clone();
             let hard = hard_stop.clone();
             let rt = rt.clone();
@@ -494,42 +491,22 @@ impl Engine {
         }
     }
 
-    /// Judge a claimed row: what to write back without a request, or a refresh to make.
-    /// `fresh` rows (new or changed by another program) are only scheduled, never refreshed here.
-    fn triage(&self, rt: &Runtime, a: &Account, now: i64, fresh: bool) -> Plan {
+    /// Judge a claimed row written by whoever: an update to write without any request
+    /// (invalid row, company token, dead refresh token), or what scheduling it needs to know.
+    fn judge<'r>(&self, rt: &'r Runtime, a: &Account, now: i64) -> Result<Judged<'r>, Box<Update>> {
         let d = &rt.config.daemon;
         let prior = State::parse(&a.state);
-        let base = |to: State, reason: Option<String>, next: Option<i64>| Update {
-            id: a.id.clone(),
-            revision: a.revision,
-            from: prior,
-            to,
-            reason,
-            tokens: None,
-            next_action_at: next,
-            failures: 0,
-            last_error: None,
-            checked_at: None,
-            now,
-        };
-        let (profile, token_type) = match validate(&rt.config, a, now) {
-            Ok(v) => v,
-            Err(reason) => {
-                return Plan::Write(
-                    base(State::Invalid, Some(reason.clone()), None).with_error(reason),
-                );
-            }
-        };
+        let (profile, token_type) = validate(&rt.config, a, now).map_err(|reason| {
+            Box::new(
+                update(a, prior, State::Invalid, Some(reason.clone()), None, now)
+                    .with_error(reason),
+            )
+        })?;
         let relinked = prior.is_none_or(State::is_terminal);
-        // Not a state a new row can keep: unknown or terminal states start over as active.
-        let keep = |s: Option<State>| match s {
-            Some(State::Failing) => State::Failing,
-            _ => State::Active,
-        };
         if token_type == TokenType::Company {
             // Company tokens never expire; the revocation checks look after them.
             let reason = relinked.then(|| "company token linked".to_owned());
-            return Plan::Write(base(keep(prior), reason, None));
+            return Err(Box::new(update(a, prior, keep(prior), reason, None, now)));
         }
 
         // Refresh-token age: past its lifetime the grant is dead, so no request is wasted.
@@ -542,9 +519,17 @@ impl Engine {
                     age / 3600,
                     d.refresh_token_lifetime.as_secs_i64() / 3600
                 );
-                return Plan::Write(
-                    base(State::NeedsReauth, Some(reason.clone()), None).with_error(reason),
-                );
+                return Err(Box::new(
+                    update(
+                        a,
+                        prior,
+                        State::NeedsReauth,
+                        Some(reason.clone()),
+                        None,
+                        now,
+                    )
+                    .with_error(reason),
+                ));
             }
             if age
                 >= (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64
@@ -557,41 +542,66 @@ impl Engine {
                     "refresh token nears the end of its lifetime; the account will need reauthorisation unless it refreshes");
             }
         }
+        Ok(Judged {
+            profile,
+            prior,
+            relinked,
+            // An expiry that is missing or absurd is unknown: refreshing yields a real one.
+            expires_at: a.expires_at.filter(|e| *e > 0 && *e < now + 366 * 86_400),
+        })
+    }
 
-        // An expiry that is missing or absurd is unknown: refreshing yields a real one.
-        let expires_at = a.expires_at.filter(|e| *e > 0 && *e < now + 366 * 86_400);
-        if fresh {
-            let has_access = a
-                .access_token
-                .as_ref()
-                .is_some_and(|t| !t.expose_secret().is_empty());
-            let due = match expires_at {
-                Some(e) if has_access => due_time(e, d).max(now),
-                _ => now,
-            };
-            let reason = relinked.then(|| "new grant written".to_owned());
-            let mut u = base(keep(prior), reason, Some(due));
-            u.failures = a.failures;
-            return Plan::Write(u);
+    /// A new or relinked row: schedule it (for now, if it is already due). Never a request.
+    fn schedule(&self, rt: &Runtime, a: &Account, now: i64) -> Update {
+        let j = match self.judge(rt, a, now) {
+            Ok(j) => j,
+            Err(u) => return *u,
+        };
+        let has_access = a
+            .access_token
+            .as_ref()
+            .is_some_and(|t| !t.expose_secret().is_empty());
+        let due = match j.expires_at {
+            Some(e) if has_access => due_time(e, &rt.config.daemon).max(now),
+            _ => now,
+        };
+        let reason = j.relinked.then(|| "new grant written".to_owned());
+        let mut u = update(a, j.prior, keep(j.prior), reason, Some(due), now);
+        u.failures = a.failures;
+        u
+    }
+
+    /// A row whose time came: refresh it, unless its profile is paused or its breaker open.
+    fn plan(&self, rt: &Runtime, a: &Account, now: i64) -> Plan {
+        let j = match self.judge(rt, a, now) {
+            Ok(j) => j,
+            Err(u) => return Plan::Write(*u),
+        };
+        let name = &j.profile.name;
+        if !self.may_request(name) {
+            let reason = Some("profile is paused".to_owned());
+            return Plan::Write(update(a, j.prior, State::Paused, reason, None, now));
         }
-        if !self.may_request(&profile.name) {
-            return Plan::Write(base(State::Paused, Some("profile is paused".into()), None));
-        }
-        if let Admit::Defer(until) = self.breakers.admit(&profile.name, now) {
+        if let Admit::Defer(until) = self.breakers.admit(name, now) {
             // The profile's server is mostly failing: wait for the breaker's probe, no request.
-            let reason = format!(
-                "circuit open for profile {}: most requests fail",
-                profile.name
-            );
-            let mut u = base(State::Failing, Some(reason.clone()), Some(until)).with_error(reason);
+            let reason = format!("circuit open for profile {name}: most requests fail");
+            let mut u = update(
+                a,
+                j.prior,
+                State::Failing,
+                Some(reason.clone()),
+                Some(until),
+                now,
+            )
+            .with_error(reason);
             u.failures = a.failures;
             return Plan::Write(u);
         }
         Plan::Refresh(Box::new(RefreshJob {
             account: a.clone(),
-            profile: profile.clone(),
-            prior,
-            expires_at,
+            profile: j.profile.clone(),
+            prior: j.prior,
+            expires_at: j.expires_at,
         }))
     }
 
@@ -606,22 +616,10 @@ impl Engine {
         } = job;
         let started = Instant::now();
         let now = unix_now();
-        let base = |to: State, reason: Option<String>, next: Option<i64>| Update {
-            id: a.id.clone(),
-            revision: a.revision,
-            from: prior,
-            to,
-            reason,
-            tokens: None,
-            next_action_at: next,
-            failures: 0,
-            last_error: None,
-            checked_at: None,
-            now,
-        };
         let Some(refresh_token) = a.refresh_token.clone() else {
             let reason = "user token without a refresh_token".to_owned();
-            return base(State::Invalid, Some(reason.clone()), None).with_error(reason);
+            return update(&a, prior, State::Invalid, Some(reason.clone()), None, now)
+                .with_error(reason);
         };
         let result = rt.provider.refresh(&profile, &refresh_token, now).await;
         let latency_ms = started.elapsed().as_millis() as u64;
@@ -639,9 +637,8 @@ impl Engine {
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "refreshed",
                     latency_ms, expires_at = grant.expires_at, next_action_at = next, "refresh");
                 let reason = (prior != Some(State::Active)).then(|| "refreshed".to_owned());
-                let mut u = base(State::Active, reason, Some(next));
+                let mut u = update(&a, prior, State::Active, reason, Some(next), now);
                 u.tokens = Some(new_tokens(grant, now));
-                u.now = now;
                 u
             }
             Err(RefreshError::InvalidGrant(desc)) => {
@@ -652,10 +649,13 @@ impl Engine {
                 self.stats.record_error("refresh", &reason);
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "invalid_grant",
                     latency_ms, next_action_at = "none: needs reauthorisation", "refresh");
-                base(
+                update(
+                    &a,
+                    prior,
                     State::NeedsReauth,
                     Some("the provider rejected the grant (invalid_grant)".into()),
                     None,
+                    now,
                 )
                 .with_error(reason)
             }
@@ -666,7 +666,8 @@ impl Engine {
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = %code,
                     latency_ms, next_action_at = "none: profile paused", "refresh");
                 self.pause_profile(&rt.config, &profile, &reason, now).await;
-                let mut u = base(State::Paused, Some(reason.clone()), None).with_error(reason);
+                let mut u = update(&a, prior, State::Paused, Some(reason.clone()), None, now)
+                    .with_error(reason);
                 u.failures = a.failures;
                 u
             }
@@ -684,8 +685,15 @@ impl Engine {
                 tracing::warn!(account_id = %a.id, profile = %profile.name, outcome = "transient",
                     error = %reason, latency_ms, failures, expires_in_s = left, next_action_at = next,
                     "refresh failed; will retry");
-                let mut u =
-                    base(State::Failing, Some(reason.clone()), Some(next)).with_error(reason);
+                let mut u = update(
+                    &a,
+                    prior,
+                    State::Failing,
+                    Some(reason.clone()),
+                    Some(next),
+                    now,
+                )
+                .with_error(reason);
                 u.failures = failures;
                 u
             }
@@ -815,26 +823,44 @@ struct RefreshJob {
     expires_at: Option<i64>,
 }
 
-impl RefreshJob {
-    /// A new row that is already due: schedule it for now, for the refresh path to take.
-    fn schedule_now(self, now: i64) -> Update {
-        let a = self.account;
-        Update {
-            id: a.id,
-            revision: a.revision,
-            from: self.prior,
-            to: match self.prior {
-                Some(State::Failing) => State::Failing,
-                _ => State::Active,
-            },
-            reason: None,
-            tokens: None,
-            next_action_at: Some(now),
-            failures: a.failures,
-            last_error: None,
-            checked_at: None,
-            now,
-        }
+/// What [`Engine::judge`] learnt of a row that needs scheduling.
+struct Judged<'r> {
+    profile: &'r Profile,
+    prior: Option<State>,
+    /// The row came out of a terminal state (or an unknown one): a new grant was written.
+    relinked: bool,
+    expires_at: Option<i64>,
+}
+
+/// The state a row keeps when it is rescheduled: unknown or terminal states start over.
+fn keep(prior: Option<State>) -> State {
+    match prior {
+        Some(State::Failing) => State::Failing,
+        _ => State::Active,
+    }
+}
+
+/// An update of `a` from `prior` to `to`, with no tokens and no error.
+fn update(
+    a: &Account,
+    prior: Option<State>,
+    to: State,
+    reason: Option<String>,
+    next_action_at: Option<i64>,
+    now: i64,
+) -> Update {
+    Update {
+        id: a.id.clone(),
+        revision: a.revision,
+        from: prior,
+        to,
+        reason,
+        tokens: None,
+        next_action_at,
+        failures: 0,
+        last_error: None,
+        checked_at: None,
+        now,
     }
 }
 
