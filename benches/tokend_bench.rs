@@ -320,6 +320,18 @@ impl Daemon {
     }
 }
 
+/// The mock, in `immediate` rotation (the stricter mode), issuing tokens that live `ttl`.
+async fn start_mock(ttl: Duration) -> MockProvider {
+    MockProvider::start(MockConfig {
+        rotation: Rotation::Immediate,
+        access_ttl: ttl,
+        client_secret: SECRET.into(),
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock provider")
+}
+
 fn percentile(sorted: &[i64], p: f64) -> i64 {
     if sorted.is_empty() {
         return 0;
@@ -335,14 +347,7 @@ async fn capacity(a: &Args, smoke: bool) -> Report {
     let jitter = a.jitter.unwrap_or(if smoke { 1 } else { 5 }) as i64;
     let duration = a.duration.unwrap_or(if smoke { 20 } else { 300 });
     let conc = a.concurrency.unwrap_or(64);
-    let mock = MockProvider::start(MockConfig {
-        rotation: Rotation::Immediate,
-        access_ttl: Duration::from_secs(lifetime as u64),
-        client_secret: SECRET.into(),
-        ..MockConfig::default()
-    })
-    .await
-    .expect("mock");
+    let mock = start_mock(Duration::from_secs(lifetime as u64)).await;
     let s = setup(
         &mock.url(),
         &format!(
@@ -454,13 +459,7 @@ async fn capacity(a: &Args, smoke: bool) -> Report {
 async fn catchup(a: &Args, smoke: bool) -> Report {
     let n = a.n.unwrap_or(if smoke { 500 } else { 50_000 });
     let conc = a.concurrency.unwrap_or(64);
-    let mock = MockProvider::start(MockConfig {
-        rotation: Rotation::Immediate,
-        client_secret: SECRET.into(),
-        ..MockConfig::default()
-    })
-    .await
-    .expect("mock");
+    let mock = start_mock(Duration::from_secs(3600)).await;
     let s = setup(
         &mock.url(),
         &format!(
@@ -492,13 +491,7 @@ async fn catchup(a: &Args, smoke: bool) -> Report {
     drop(mock);
 
     // Raw capacity: the same requests from a plain client loop, no database.
-    let raw_mock = MockProvider::start(MockConfig {
-        rotation: Rotation::Immediate,
-        client_secret: SECRET.into(),
-        ..MockConfig::default()
-    })
-    .await
-    .expect("mock");
+    let raw_mock = start_mock(Duration::from_secs(3600)).await;
     let tokens: Arc<Vec<String>> = Arc::new(
         (0..n)
             .map(|i| {
@@ -609,12 +602,7 @@ fn scheduled_far_rows(n: usize) -> Vec<(String, String, Option<String>, i64, i64
 async fn idle(a: &Args, smoke: bool) -> Report {
     let n = a.n.unwrap_or(if smoke { 2_000 } else { 100_000 });
     let duration = a.duration.unwrap_or(if smoke { 5 } else { 60 });
-    let mock = MockProvider::start(MockConfig {
-        client_secret: SECRET.into(),
-        ..MockConfig::default()
-    })
-    .await
-    .expect("mock");
+    let mock = start_mock(Duration::from_secs(3600)).await;
     let s = setup(&mock.url(), &format!("log_level = \"{}\"", a.log_level));
     fill(&s.db, scheduled_far_rows(n).into_iter());
     let mut d = Daemon::spawn(&s);
@@ -665,12 +653,7 @@ async fn idle(a: &Args, smoke: bool) -> Report {
 
 async fn scale(a: &Args, smoke: bool) -> Report {
     let n = a.n.unwrap_or(if smoke { 20_000 } else { 1_000_000 });
-    let mock = MockProvider::start(MockConfig {
-        client_secret: SECRET.into(),
-        ..MockConfig::default()
-    })
-    .await
-    .expect("mock");
+    let mock = start_mock(Duration::from_secs(3600)).await;
     let s = setup(&mock.url(), &format!("log_level = \"{}\"", a.log_level));
     let f0 = Instant::now();
     fill(&s.db, scheduled_far_rows(n).into_iter());
