@@ -290,18 +290,7 @@ impl Engine {
             return None;
         }
         let now = unix_now();
-        let lease_until = now + rt.config.daemon.lease.as_secs_i64();
-        let accounts = match self
-            .store
-            .claim_due(now, room, &self.owner, lease_until, true)
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                self.claim_failed(&e);
-                return None;
-            }
-        };
+        let accounts = self.claim(rt, now, room, true).await?;
         let more = accounts.len() == room;
         for a in accounts {
             let Ok(slot) = evaluating.clone().try_acquire_owned() else {
@@ -333,17 +322,8 @@ impl Engine {
             return true;
         }
         let now = unix_now();
-        let lease_until = now + rt.config.daemon.lease.as_secs_i64();
-        let accounts = match self
-            .store
-            .claim_due(now, free, &self.owner, lease_until, false)
-            .await
-        {
-            Ok(a) => a,
-            Err(e) => {
-                self.claim_failed(&e);
-                return false;
-            }
+        let Some(accounts) = self.claim(rt, now, free, false).await else {
+            return false;
         };
         let more = accounts.len() == free;
         for a in accounts {
@@ -366,6 +346,29 @@ impl Engine {
             });
         }
         more
+    }
+
+    /// Lease up to `limit` rows (new ones with `fresh`, else due ones); `None` when the store
+    /// refused, which is recorded for the health file.
+    async fn claim(
+        &self,
+        rt: &Runtime,
+        now: i64,
+        limit: usize,
+        fresh: bool,
+    ) -> Option<Vec<Account>> {
+        let lease_until = now + rt.config.daemon.lease.as_secs_i64();
+        match self
+            .store
+            .claim_due(now, limit, &self.owner, lease_until, fresh)
+            .await
+        {
+            Ok(a) => Some(a),
+            Err(e) => {
+                self.claim_failed(&e);
+                None
+            }
+        }
     }
 
     fn claim_failed(&self, e: &crate::store::StoreError) {

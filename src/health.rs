@@ -229,11 +229,6 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
     let mut health = Health {
         status: String::new(),
         updated_at: now,
-        started_at: info.started_at,
-        pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        instance: engine.owner().to_owned(),
-        heartbeat_s: info.heartbeat.lock().map(|d| d.as_secs()).unwrap_or(30),
         config,
         store: StoreInfo {
             writable,
@@ -253,6 +248,8 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
         last_errors,
         at_risk,
         attention,
+        // pid, version, instance, start time, heartbeat: as at start-up.
+        ..starting(engine, info)
     };
     health.status = if info.stopping.load(Ordering::Relaxed) {
         "stopping".into()
