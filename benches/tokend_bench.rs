@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
-use tokend::mock::{MockConfig, MockProvider, Rotation};
+use tokend_mock::{MockConfig, MockProvider, Rotation};
 
 const SECRET: &str = "bench-secret";
 

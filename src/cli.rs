@@ -50,6 +50,7 @@ pub enum Command {
         health_file: Option<PathBuf>,
     },
     /// Run the engine against a built-in mock provider with short-lived tokens.
+    #[cfg(feature = "demo")]
     Demo {
         /// How long to run, e.g. 20s or 2m (default: until Ctrl-C).
         #[arg(long, value_parser = parse_dur)]
@@ -109,6 +110,7 @@ pub fn main(cli: Cli) -> i32 {
             token(&config, &store, &account).await
         }),
         Command::Status { json, health_file } => status(&cli.config, json, health_file),
+        #[cfg(feature = "demo")]
         Command::Demo { duration, accounts } => crate::demo::main(duration, accounts),
     }
 }

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, LogFormat, LogLevel};
 use crate::daemon::{self, Control};
 use crate::engine::unix_now;
-use crate::mock::{MockConfig, MockProvider, Rotation};
 use crate::store::{NewAccount, Store};
+use tokend_mock::{MockConfig, MockProvider, Rotation};
 
 const TOKEN_TTL: Duration = Duration::from_secs(30);
 const COMPANY_ACCOUNTS: usize = 4;

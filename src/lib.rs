@@ -11,8 +11,8 @@
 //! - [`telemetry`]: logs for terminals, journald and log shippers.
 //! - [`daemon`]: `tokend run`: wires the above, handles signals, reload, readiness, shutdown.
 //! - [`state`]: the account-state vocabulary shared by all of the above.
-//! - [`cli`], [`accounts`], [`demo`]: the command line, account import, the demo.
-//! - [`mock`]: a Doorkeeper-like provider for tests, benchmarks and `tokend demo`.
+//! - [`cli`], [`accounts`], [`demo`]: the command line, account import, the demo (which alone
+//!   uses the `tokend-mock` crate, behind the default `demo` feature).
 #![forbid(unsafe_code)]
 
 pub mod accounts;
@@ -20,10 +20,10 @@ pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod engine;
 pub mod health;
-pub mod mock;
 pub mod provider;
 pub mod revocation;
 pub mod state;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tokend::mock::MockConfig;
+use tokend_mock::MockConfig;
 
 use crate::helpers::{Env, SECRET, eventually};
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokend::mock::{Endpoint, Fault, MockConfig, Rotation};
+use tokend_mock::{Endpoint, Fault, MockConfig, Rotation};
 
 use crate::helpers::{Env, eventually};
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tokend::mock::{Endpoint, Fault, MockConfig, Rotation};
+use tokend_mock::{Endpoint, Fault, MockConfig, Rotation};
 
 use crate::helpers::{Env, eventually};
 

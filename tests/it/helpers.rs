@@ -9,7 +9,7 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use tokend::config::Config;
 use tokend::daemon::{self, Control};
-use tokend::mock::{MockConfig, MockProvider};
+use tokend_mock::{MockConfig, MockProvider};
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "CANARY-client-secret-7f3a9";

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use rusqlite::params;
-use tokend::mock::MockConfig;
 use tokend::provider::{classify_refresh, parse_retry_after};
+use tokend_mock::MockConfig;
 
 use crate::helpers::{Env, eventually};
 

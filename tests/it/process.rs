@@ -5,7 +5,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokend::mock::{Endpoint, Fault, MockConfig, Rotation};
+use tokend_mock::{Endpoint, Fault, MockConfig, Rotation};
 
 use crate::helpers::{Env, eventually};
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use rusqlite::params;
-use tokend::mock::{Endpoint, Fault, MockConfig, Rotation};
+use tokend_mock::{Endpoint, Fault, MockConfig, Rotation};
 
 use crate::helpers::{Env, eventually};
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use rusqlite::params;
 use tokend::engine::{Engine, Runtime, unix_now};
-use tokend::mock::{Endpoint, Fault, MockConfig};
 use tokend::revocation::Checker;
+use tokend_mock::{Endpoint, Fault, MockConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Env, eventually};

@@ -1,5 +1,5 @@
-//! A mock Factorial OAuth server that answers as Doorkeeper 5.5 does (see the README and
-//! `shared/reference/doorkeeper-facts.md`), for tests, benchmarks and `tokend demo`.
+//! A mock Factorial OAuth server that answers as Doorkeeper 5.5 does (tokend's README, "The mock
+//! provider"), for tokend's tests, benchmarks and `tokend demo`. It is not part of the daemon.
 //!
 //! It keeps its own books: per account, grants, errors, **reuse attempts** (a refresh token
 //! presented after it was exchanged or revoked) and **lapses** (a new access token issued after the
@@ -28,6 +28,29 @@ pub enum Rotation {
     Immediate,
 }
 
+/// Where the mock reads unix time (milliseconds). Tests hand it the daemon's driven clock so
+/// expiries, lapses and `created_at` follow the same time as the daemon.
+#[derive(Clone)]
+pub struct MockClock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl MockClock {
+    pub fn new(now_ms: impl Fn() -> i64 + Send + Sync + 'static) -> MockClock {
+        MockClock(Arc::new(now_ms))
+    }
+    pub fn system() -> MockClock {
+        MockClock::new(system_now_ms)
+    }
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for MockClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MockClock")
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MockConfig {
     pub rotation: Rotation,
@@ -40,6 +63,7 @@ pub struct MockConfig {
     pub client_secret: String,
     /// Answer refreshes without a `refresh_token` (the old one stays valid), as some servers do.
     pub omit_refresh_token: bool,
+    pub clock: MockClock,
 }
 
 impl Default for MockConfig {
@@ -51,6 +75,7 @@ impl Default for MockConfig {
             client_id: "mock-client".into(),
             client_secret: "mock-secret".into(),
             omit_refresh_token: false,
+            clock: MockClock::system(),
         }
     }
 }
@@ -191,7 +216,7 @@ struct AppState {
     in_flight: Arc<AtomicUsize>,
 }
 
-pub fn now_ms() -> i64 {
+fn system_now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -264,14 +289,15 @@ impl MockProvider {
     pub fn issue_user(&self, account: &str, age: Duration) -> Issued {
         let mut g = self.lock();
         let ttl = g.config.access_ttl.as_secs() as i64;
-        let created = now_ms() - age.as_millis() as i64;
+        let created = g.now_ms() - age.as_millis() as i64;
         g.issue(account, created, Some(ttl), true, None)
     }
 
     /// Issue a company token (no expiry, no refresh token).
     pub fn issue_company(&self, account: &str) -> Issued {
         let mut g = self.lock();
-        g.issue(account, now_ms(), None, false, None)
+        let now = g.now_ms();
+        g.issue(account, now, None, false, None)
     }
 
     /// Revoke every token of `account`, as an administrator would.
@@ -356,8 +382,8 @@ impl MockProvider {
 
     /// Accounts whose newest access token has expired by now (a lapse in progress).
     pub fn expired_now(&self) -> Vec<String> {
-        let now = now_ms();
         let g = self.lock();
+        let now = g.now_ms();
         g.accounts
             .iter()
             .filter(|(_, s)| s.current_expiry_ms.is_some_and(|e| e <= now))
@@ -403,6 +429,10 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Inner {
+    fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms()
+    }
+
     fn secret_ok(&self, s: &str) -> bool {
         s == self.config.client_secret || self.also_accepted.as_deref() == Some(s)
     }
@@ -607,13 +637,14 @@ async fn token(
     };
     let account = guard.account;
     let record = |r: Response| {
-        lock(&state.inner)
-            .log
-            .push((now_ms(), r.status().as_u16(), account));
+        let mut g = lock(&state.inner);
+        let now = g.now_ms();
+        g.log.push((now, r.status().as_u16(), account));
         r
     };
+    let now_s = lock(&state.inner).now_ms() / 1000;
     if let Some(f) = fault
-        && let Some(r) = apply_fault(f).await
+        && let Some(r) = apply_fault(f, now_s).await
     {
         return record(r);
     }
@@ -623,7 +654,7 @@ async fn token(
 }
 
 /// Returns the faulty response, or `None` to answer normally after a delay.
-async fn apply_fault(f: Fault) -> Option<Response> {
+async fn apply_fault(f: Fault, now_s: i64) -> Option<Response> {
     let body_200 = |b: Body| {
         let mut r = Response::new(b);
         r.headers_mut().insert(
@@ -661,7 +692,7 @@ async fn apply_fault(f: Fault) -> Option<Response> {
             r#"{{"access_token":"{}","token_type":"Bearer","expires_in":{e},"refresh_token":"{}","scope":"read write","created_at":{}}}"#,
             random_token(),
             random_token(),
-            now_ms() / 1000
+            now_s
         ))),
         Fault::Huge(n) => body_200(Body::from(vec![b' '; n])),
         Fault::InvalidToken => invalid_token(),
@@ -754,7 +785,7 @@ fn exchange(state: &AppState, p: &HashMap<String, String>) -> Response {
             );
         }
     }
-    let now = now_ms();
+    let now = g.now_ms();
     let live = g.by_refresh.get(refresh).cloned();
     let Some(old_access) = live else {
         if let Some(a) = account {
@@ -840,14 +871,17 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let fault = lock(&state.inner).take_fault(Endpoint::TokenInfo);
+    let (fault, now_s) = {
+        let mut g = lock(&state.inner);
+        (g.take_fault(Endpoint::TokenInfo), g.now_ms() / 1000)
+    };
     if let Some(f) = fault
-        && let Some(r) = apply_fault(f).await
+        && let Some(r) = apply_fault(f, now_s).await
     {
         return r;
     }
     let mut g = lock(&state.inner);
-    let now = now_ms();
+    let now = g.now_ms();
     let token = bearer(&headers);
     let found = token
         .as_deref()
@@ -920,7 +954,7 @@ async fn introspect(
     if !client_ok(&g, &p) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", INVALID_CLIENT);
     }
-    let now = now_ms();
+    let now = g.now_ms();
     let token = p.get("token").cloned().unwrap_or_default();
     // A refresh token introspects as its access token's record.
     let access = g.by_refresh.get(&token).cloned().unwrap_or(token);
@@ -952,7 +986,7 @@ async fn revoke(
             "You are not authorized to revoke this token",
         );
     }
-    let now = now_ms();
+    let now = g.now_ms();
     let token = p.get("token").cloned().unwrap_or_default();
     if let Some(access) = g.by_refresh.get(&token).cloned() {
         // Doorkeeper 5.5 quirk: by refresh token, a record whose access token expired is not revoked.
