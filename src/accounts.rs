@@ -1,5 +1,5 @@
-//! `tokend accounts import`: read a JSON file of linked accounts, check every row, and hand the
-//! store all of them or none.
+//! Linking accounts from JSON (`tokend accounts import`, the API): parse each row, check it with
+//! the engine's one validator, and hand the store all of them or none.
 
 use std::collections::HashSet;
 
@@ -7,6 +7,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::config::{Config, TokenType};
+use crate::engine::policy::{self, Fields};
 use crate::store::NewAccount;
 
 /// Parse and check an import file. On any bad row, every problem is returned, by row index.
@@ -45,19 +46,22 @@ pub fn parse_import(config: &Config, text: &str) -> Result<Vec<NewAccount>, Vec<
     }
 }
 
-fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
+/// The fields an account may carry when linked.
+pub const FIELDS: [&str; 8] = [
+    "id",
+    "profile",
+    "token_type",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "scopes",
+    "scope",
+];
+
+/// Parse one account object (an import row, an API body) and check it.
+pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
     let obj = row.as_object().ok_or("not a JSON object")?;
-    const KNOWN: [&str; 8] = [
-        "id",
-        "profile",
-        "token_type",
-        "access_token",
-        "refresh_token",
-        "expires_at",
-        "scopes",
-        "scope",
-    ];
-    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(format!("unknown field {k:?}"));
     }
     let text = |key: &str| -> Result<Option<String>, String> {
@@ -67,78 +71,52 @@ fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
             Some(_) => Err(format!("{key} must be a string or null")),
         }
     };
-    let id = text("id")?.ok_or("missing id")?;
-    if id.is_empty() || id.trim() != id {
-        return Err("id must be non-empty without leading or trailing whitespace".into());
-    }
-    let profile = match text("profile")? {
-        Some(name) => {
-            let p = config
-                .profile(&name)
-                .ok_or_else(|| format!("unknown profile {name:?}"))?;
-            Some(p.name.clone())
-        }
-        None if config.profiles.len() == 1 => Some(config.profiles[0].name.clone()),
-        None => {
-            return Err(format!(
-                "profile is required: the config has {} profiles",
-                config.profiles.len()
-            ));
-        }
-    };
-    let default_type = profile
-        .as_deref()
-        .and_then(|p| config.profile(p))
+    let id = text("id")?.ok_or("id: missing")?;
+    let named = text("profile")?.filter(|p| !p.is_empty());
+    let default_type = config
+        .profile_for(named.as_deref())
         .map(|p| p.token_type)
         .unwrap_or(TokenType::User);
     let token_type = match text("token_type")? {
         None => default_type,
         Some(t) => TokenType::parse(&t)
-            .ok_or_else(|| format!("token_type {t:?} is not \"user\" or \"company\""))?,
+            .ok_or_else(|| format!("token_type: {t:?} is not \"user\" or \"company\""))?,
     };
-    let access = text("access_token")?.filter(|s| !s.is_empty());
-    let refresh = text("refresh_token")?.filter(|s| !s.is_empty());
+    let access = text("access_token")?.filter(|s| !s.trim().is_empty());
+    let refresh = text("refresh_token")?.filter(|s| !s.trim().is_empty());
     let expires_at = match obj.get("expires_at") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_i64()
                 .filter(|t| *t > 0 && *t < 253_402_300_800)
-                .ok_or("expires_at must be a unix time in seconds")?,
+                .ok_or("expires_at: must be a unix time in seconds (or null: refreshed at once)")?,
         ),
     };
-    match token_type {
-        TokenType::User => {
-            if refresh.is_none() {
-                return Err("a user token needs a refresh_token".into());
-            }
-            if access.is_none() {
-                return Err("a user token needs an access_token".into());
-            }
-            if expires_at.is_none() {
-                return Err("a user token needs expires_at".into());
-            }
-        }
-        TokenType::Company => {
-            if access.is_none() {
-                return Err("a company token needs an access_token".into());
-            }
-        }
-    }
+    let profile = policy::check(
+        config,
+        &Fields {
+            id: &id,
+            profile: named.as_deref(),
+            token_type,
+            has_access: access.is_some(),
+            has_refresh: refresh.is_some(),
+        },
+    )?;
     let scopes = match obj.get("scopes").or_else(|| obj.get("scope")) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(a)) => Some(
             a.iter()
-                .map(|v| v.as_str().ok_or("scopes must be strings"))
+                .map(|v| v.as_str().ok_or("scopes: must be strings"))
                 .collect::<Result<Vec<_>, _>>()?
                 .join(" "),
         ),
-        Some(_) => return Err("scopes must be a string or an array of strings".into()),
+        Some(_) => return Err("scopes: must be a string or an array of strings".into()),
     };
     Ok(NewAccount {
         id,
-        profile,
-        token_type: token_type.as_str().to_owned(),
+        profile: Some(profile.name.clone()),
+        token_type,
         access_token: access.map(SecretString::from),
         refresh_token: refresh.map(SecretString::from),
         expires_at,

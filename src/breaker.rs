@@ -58,6 +58,27 @@ impl Breakers {
         }
     }
 
+    /// As [`Self::admit`], without taking the probe: `Defer` while open.
+    pub fn peek(&self, profile: &str, now: i64) -> Admit {
+        let Ok(m) = self.circuits.lock() else {
+            return Admit::Yes;
+        };
+        match m.get(profile).and_then(|c| c.open_until.map(|u| (u, c.probing))) {
+            None => Admit::Yes,
+            Some((until, probing)) if now < until || probing => Admit::Defer(until.max(now) + 1),
+            Some(_) => Admit::Probe,
+        }
+    }
+
+    /// A probe admitted by [`Self::admit`] was not sent: let the next turn send it.
+    pub fn cancel_probe(&self, profile: &str) {
+        if let Ok(mut m) = self.circuits.lock()
+            && let Some(c) = m.get_mut(profile)
+        {
+            c.probing = false;
+        }
+    }
+
     /// Record a request's outcome (`failed`: transient failure). Returns `Some(true)` when the
     /// breaker closed (the profile recovered), `Some(false)` when it opened.
     pub fn record(

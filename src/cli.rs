@@ -8,12 +8,12 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{Clock, rfc3339};
 use crate::config::{Config, DEFAULT_CONFIG_PATH, LogFormat, LogLevel, TokenType};
 use crate::daemon::{self, Control, EXIT_CONFIG, EXIT_IOERR};
-use crate::engine::unix_now;
 use crate::health;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::{Linked, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,7 +39,12 @@ pub enum Command {
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Print the current access token of ACCOUNT, if it is valid.
-    Token { account: String },
+    Token {
+        account: String,
+        /// Only print a token with at least this much life left (e.g. 5m).
+        #[arg(long, value_parser = parse_dur, default_value = "0s")]
+        min_ttl: Duration,
+    },
     /// Summarise the health file: exit 0 ok, 1 degraded, 2 failing, 3 missing or stale.
     Status {
         /// Print the health file itself.
@@ -63,8 +68,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
-    /// Import accounts from a JSON file, all or nothing.
-    Import { file: PathBuf },
+    /// Link accounts from a JSON file (`-`: standard input), all or nothing.
+    Import {
+        file: PathBuf,
+        /// Overwrite accounts that exist (their live grants are replaced).
+        #[arg(long)]
+        replace: bool,
+    },
     /// List accounts (never their tokens).
     List {
         #[arg(long)]
@@ -88,10 +98,11 @@ pub fn main(cli: Cli) -> i32 {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
+                let n = c.profiles.len();
                 println!(
-                    "{}: ok ({} profiles)",
+                    "{}: ok ({n} {})",
                     cli.config.display(),
-                    c.profiles.len()
+                    if n == 1 { "profile" } else { "profiles" }
                 );
                 0
             }
@@ -100,14 +111,18 @@ pub fn main(cli: Cli) -> i32 {
                 EXIT_CONFIG
             }
         },
-        Command::Accounts(cmd) => with_store(&cli.config, |config, store| async move {
-            match cmd {
-                AccountsCommand::Import { file } => import(&config, &store, &file).await,
-                AccountsCommand::List { json, state } => list(&store, json, state).await,
-            }
-        }),
-        Command::Token { account } => with_store(&cli.config, |config, store| async move {
-            token(&config, &store, &account).await
+        Command::Accounts(AccountsCommand::Import { file, replace }) => {
+            with_config(&cli.config, |config| async move {
+                import(&config, &file, replace).await
+            })
+        }
+        Command::Accounts(AccountsCommand::List { json, state }) => {
+            with_config(&cli.config, |config| async move {
+                list(&config, json, state).await
+            })
+        }
+        Command::Token { account, min_ttl } => with_config(&cli.config, |config| async move {
+            token(&config, &account, min_ttl).await
         }),
         Command::Status { json, health_file } => status(&cli.config, json, health_file),
         #[cfg(feature = "demo")]
@@ -157,6 +172,7 @@ fn run(path: &Path) -> i32 {
             shutdown,
             reload: reload_rx,
             log: Some(log),
+            clock: Clock::system(),
         };
         match daemon::run(config, control).await {
             Ok(()) => 0,
@@ -165,9 +181,10 @@ fn run(path: &Path) -> i32 {
     })
 }
 
-fn with_store<F, Fut>(path: &Path, f: F) -> i32
+/// Commands that read the config without its secrets (they never talk to the provider).
+fn with_config<F, Fut>(path: &Path, f: F) -> i32
 where
-    F: FnOnce(Config, Store) -> Fut,
+    F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = i32>,
 {
     let config = match Config::load_without_secrets(path) {
@@ -178,33 +195,40 @@ where
         }
     };
     let _ = crate::telemetry::init(LogLevel::Warn, LogFormat::Text);
-    runtime().block_on(async {
-        let store = match Store::open(&config.daemon.database) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("tokend: {e}");
-                return EXIT_IOERR;
-            }
-        };
-        f(config, store).await
+    runtime().block_on(f(config))
+}
+
+fn open_read_only(config: &Config) -> Result<Store, i32> {
+    Store::open_read_only(&config.daemon.database).map_err(|e| {
+        eprintln!("tokend: {e}");
+        EXIT_IOERR
     })
 }
 
-async fn import(config: &Config, store: &Store, file: &Path) -> i32 {
-    let text = match std::fs::read_to_string(file) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("tokend: cannot read {}: {e}", file.display());
+async fn import(config: &Config, file: &Path, replace: bool) -> i32 {
+    let (name, text) = if file == Path::new("-") {
+        let mut t = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+            eprintln!("tokend: cannot read standard input: {e}");
             return 1;
+        }
+        ("standard input".to_owned(), t)
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(t) => (file.display().to_string(), t),
+            Err(e) => {
+                eprintln!("tokend: cannot read {}: {e}", file.display());
+                return 1;
+            }
         }
     };
     let accounts = match crate::accounts::parse_import(config, &text) {
         Ok(a) => a,
         Err(errors) => {
+            let n = errors.len();
             eprintln!(
-                "tokend: {} has {} bad rows; nothing was imported:",
-                file.display(),
-                errors.len()
+                "tokend: {name} has {n} bad {}; nothing was imported:",
+                if n == 1 { "row" } else { "rows" }
             );
             for e in errors {
                 eprintln!("  {e}");
@@ -212,11 +236,39 @@ async fn import(config: &Config, store: &Store, file: &Path) -> i32 {
             return 1;
         }
     };
+    let store = match Store::open(&config.daemon.database) {
+        Ok((s, _)) => s,
+        Err(e) => {
+            eprintln!("tokend: {e}");
+            return EXIT_IOERR;
+        }
+    };
+    let now = Clock::system().now();
     let n = accounts.len();
-    match store.import(accounts, unix_now()).await {
-        Ok(()) => {
-            println!("imported {n} accounts");
+    match store.link(accounts, replace, now).await {
+        Ok(Linked::Done { inserted, replaced }) => {
+            println!(
+                "imported {n} {}: {inserted} new, {} replaced{}",
+                if n == 1 { "account" } else { "accounts" },
+                n - inserted,
+                if replaced > 0 {
+                    format!(" ({replaced} of them live grants, now superseded by the file's)")
+                } else {
+                    String::new()
+                }
+            );
             0
+        }
+        Ok(Linked::Conflicts(ids)) => {
+            eprintln!(
+                "tokend: {} {} already linked; nothing was imported (use --replace to overwrite their grants):",
+                ids.len(),
+                if ids.len() == 1 { "account is" } else { "accounts are" }
+            );
+            for id in ids {
+                eprintln!("  {id}");
+            }
+            1
         }
         Err(e) => {
             eprintln!("tokend: import failed, nothing was imported: {e}");
@@ -226,13 +278,15 @@ async fn import(config: &Config, store: &Store, file: &Path) -> i32 {
 }
 
 fn fmt_time(t: Option<i64>) -> String {
-    t.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-        .unwrap_or_else(|| "-".into())
+    t.map(rfc3339).unwrap_or_else(|| "-".into())
 }
 
-async fn list(store: &Store, json: bool, state: Option<State>) -> i32 {
-    let rows = match store.list(state).await {
+async fn list(config: &Config, json: bool, state: Option<State>) -> i32 {
+    let store = match open_read_only(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let rows = match store.list(state, None, None, 0).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tokend: {e}");
@@ -245,74 +299,93 @@ async fn list(store: &Store, json: bool, state: Option<State>) -> i32 {
         let _ = writeln!(out);
         return 0;
     }
+    let mut t = tabwriter::TabWriter::new(&mut out).padding(2);
     let _ = writeln!(
-        out,
-        "{:<24} {:<12} {:<8} {:<13} {:<19} {:<19} {:>8}  LAST ERROR",
-        "ID", "PROFILE", "TYPE", "STATE", "EXPIRES (UTC)", "LAST CHECK (UTC)", "FAILURES"
+        t,
+        "ID\tPROFILE\tTYPE\tSTATE\tEXPIRES AT\tLAST REFRESH\tLAST PROBE\tFAILURES\tREASON"
     );
     for r in rows {
         let _ = writeln!(
-            out,
-            "{:<24} {:<12} {:<8} {:<13} {:<19} {:<19} {:>8}  {}",
+            t,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             r.id,
             r.profile.as_deref().unwrap_or("-"),
             r.token_type,
             r.state,
             fmt_time(r.expires_at),
-            fmt_time(r.last_checked_at.or(r.last_refresh_at)),
+            fmt_time(r.last_refresh_at),
+            fmt_time(r.last_checked_at),
             r.failures,
             r.last_error.or(r.state_reason).unwrap_or_default()
         );
     }
+    let _ = t.flush();
     0
 }
 
-async fn token(config: &Config, store: &Store, id: &str) -> i32 {
-    // Take the same lease the daemons take, so the token cannot rotate under us while we read it.
-    let owner = format!("cli-{}", std::process::id());
-    let lease = config.daemon.lease.as_secs_i64();
+async fn token(config: &Config, id: &str, min_ttl: Duration) -> i32 {
+    let store = match open_read_only(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let clock = Clock::system();
+    // A refresh in flight (by any tokend) rotates the token: wait for it rather than hand out
+    // one that is about to be replaced.
     let deadline =
-        tokio::time::Instant::now() + config.daemon.http_timeout.get() + Duration::from_secs(2);
+        tokio::time::Instant::now() + config.daemon.http_timeout.get() + Duration::from_secs(1);
     let account = loop {
-        let now = unix_now();
-        match store.lease_one(id, &owner, now, now + lease).await {
-            Ok(Some(a)) => break a,
-            Ok(None) => match store.get(id).await {
-                Ok(None) => {
-                    eprintln!("tokend: no account {id:?}");
-                    return 1;
+        match store.get(id).await {
+            Ok(Some(Ok(a))) => {
+                let in_flight = a
+                    .attempt_at
+                    .is_some_and(|t| clock.now() - t <= config.daemon.http_timeout.as_secs_i64());
+                if !in_flight || tokio::time::Instant::now() > deadline {
+                    break a;
                 }
-                _ if tokio::time::Instant::now() > deadline => {
-                    eprintln!("tokend: account {id:?} is held by a refresh in progress; try again");
-                    return 1;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            },
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Some(Err(p))) => {
+                eprintln!("tokend: account {id:?}: {}", p.reason);
+                return 1;
+            }
+            Ok(None) => {
+                eprintln!("tokend: no account {id:?}");
+                return 1;
+            }
             Err(e) => {
                 eprintln!("tokend: {e}");
                 return EXIT_IOERR;
             }
         }
     };
-    let _ = store.release(id, &owner).await;
-    let now = unix_now();
-    let state = State::parse(&account.state);
-    let usable_state = matches!(state, Some(State::Active | State::Failing));
-    let valid = match TokenType::parse(&account.token_type) {
-        Some(TokenType::User) => account.expires_at.is_some_and(|e| e > now),
-        Some(TokenType::Company) => true,
-        None => false,
+    let now = clock.now();
+    let serves = matches!(account.state, State::Active | State::Failing | State::Paused);
+    let left = match account.token_type {
+        TokenType::User => account.expires_at.map(|e| e - now),
+        TokenType::Company => Some(i64::MAX),
     };
-    match (&account.access_token, usable_state && valid) {
-        (Some(t), true) if !t.expose_secret().is_empty() => {
+    let valid = left.is_some_and(|l| l > 0 && l as u64 >= min_ttl.as_secs());
+    match (&account.access_token, serves && valid) {
+        (Some(t), true) => {
+            if account.state == State::Paused {
+                eprintln!(
+                    "tokend: note: account {id:?} belongs to a paused profile; this token is still valid until {}",
+                    fmt_time(account.expires_at)
+                );
+            }
             println!("{}", t.expose_secret());
             0
         }
         _ => {
+            let expiry = match account.expires_at {
+                Some(e) if e <= now => format!("expired at {}", rfc3339(e)),
+                Some(e) => format!("expires at {}", rfc3339(e)),
+                None => "no expiry recorded".into(),
+            };
             eprintln!(
-                "tokend: account {id:?} has no valid access token (state {}, expires {})",
+                "tokend: account {id:?} has no access token valid for {} more (state {}, {expiry})",
+                humantime::format_duration(min_ttl),
                 account.state,
-                fmt_time(account.expires_at)
             );
             1
         }
@@ -337,14 +410,14 @@ fn status(config_path: &Path, json: bool, health_file: Option<PathBuf>) -> i32 {
             return 3;
         }
     };
-    let age = unix_now() - h.updated_at;
-    let stale = age > 3 * h.heartbeat_s.max(1) as i64;
+    let age = Clock::system().now() - h.updated_at;
+    let stale = h.stopped_at.is_none() && age > 3 * h.heartbeat_s.max(1) as i64;
     if json {
         println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
     } else {
         print!("{}", render_status(&h, age, stale));
     }
-    if stale {
+    if stale || h.stopped_at.is_some() {
         return 3;
     }
     match h.status.as_str() {
@@ -369,6 +442,9 @@ pub fn render_status(h: &health::Health, age: i64, stale: bool) -> String {
         h.pid,
         fmt_time(Some(h.started_at))
     );
+    if let Some(t) = h.stopped_at {
+        s += &format!("stopped cleanly at {}\n", rfc3339(t));
+    }
     s += &format!(
         "accounts: {} total: {}\n",
         h.accounts.total,
@@ -383,7 +459,10 @@ pub fn render_status(h: &health::Health, age: i64, stale: bool) -> String {
     if !types.is_empty() {
         s += &format!("by type: {}\n", types.join(", "));
     }
-    s += &format!("next refresh: {} UTC\n", fmt_time(h.next_refresh_at));
+    match h.next_refresh_at {
+        Some(t) => s += &format!("next refresh: {}\n", rfc3339(t)),
+        None => s += "next refresh: none scheduled\n",
+    }
     s += &format!(
         "since start: {} refreshes ok, {} failed; {} probes ok, {} failed\n",
         h.refreshes.ok, h.refreshes.failed, h.probes.ok, h.probes.failed
@@ -391,8 +470,8 @@ pub fn render_status(h: &health::Health, age: i64, stale: bool) -> String {
     for (name, p) in &h.profiles {
         if p.paused {
             s += &format!(
-                "profile {name}: PAUSED ({}): {}\n",
-                p.accounts,
+                "profile {name}: PAUSED since {}: {}\n",
+                fmt_time(p.paused_since),
                 p.paused_reason.as_deref().unwrap_or("")
             );
         }
@@ -409,12 +488,28 @@ pub fn render_status(h: &health::Health, age: i64, stale: bool) -> String {
             h.store.error.as_deref().unwrap_or("")
         );
     }
-    for (kind, e) in &h.last_errors {
+    if !h.journaled.is_empty() {
         s += &format!(
-            "last {kind} error ({} UTC): {}\n",
-            fmt_time(Some(e.at)),
-            e.message
+            "rotated pairs waiting in the recovery journal: {}\n",
+            h.journaled.join(", ")
         );
+    }
+    if h.lapsed.count > 0 {
+        s += &format!(
+            "LAPSED (access token expired, no refresh stored): {} ({})\n",
+            h.lapsed.count,
+            h.lapsed.accounts.join(", ")
+        );
+    }
+    if let Some(f) = &h.oldest_failure {
+        s += &format!(
+            "failing longest: {} since {}\n",
+            f.id,
+            rfc3339(f.since)
+        );
+    }
+    for (kind, e) in &h.last_errors {
+        s += &format!("last {kind} error ({}): {}\n", rfc3339(e.at), e.message);
     }
     if !h.attention.is_empty() {
         s += "needs attention:\n";

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogFormat, LogLevel};
+use crate::clock::Clock;
+use crate::config::{Config, LogFormat, LogLevel, TokenType};
 use crate::daemon::{self, Control};
-use crate::engine::unix_now;
 use crate::store::{NewAccount, Store};
 use tokend_mock::{MockConfig, MockProvider, Rotation};
 
@@ -58,7 +58,8 @@ max_concurrent_refreshes = 8
 retry_initial = "1s"
 retry_max = "5s"
 health_interval = "5s"
-revocation_schedule = "*/10 * * * * *"
+min_refresh_interval = "5s"
+revocation_schedule = "0 * * * * *"
 
 [[profile]]
 name = "demo"
@@ -76,7 +77,7 @@ client_secret_file = "{secret}"
     let config = Config::load(&config_path)?;
 
     // Accounts at every age, so refreshes are spread over the run and some are due at once.
-    let store = Store::open(&config.daemon.database)?;
+    let (store, _) = Store::open(&config.daemon.database)?;
     let mut rows = Vec::new();
     for i in 0..accounts {
         let age = Duration::from_millis(fastrand::u64(0..TOKEN_TTL.as_millis() as u64 - 5000));
@@ -84,7 +85,7 @@ client_secret_file = "{secret}"
         rows.push(NewAccount {
             id: format!("user-{i:03}"),
             profile: None,
-            token_type: "user".into(),
+            token_type: TokenType::User,
             access_token: Some(t.access_token.into()),
             refresh_token: t.refresh_token.map(Into::into),
             expires_at: t.expires_at,
@@ -96,14 +97,14 @@ client_secret_file = "{secret}"
         rows.push(NewAccount {
             id: format!("company-{i}"),
             profile: None,
-            token_type: "company".into(),
+            token_type: TokenType::Company,
             access_token: Some(t.access_token.into()),
             refresh_token: None,
             expires_at: None,
             scopes: None,
         });
     }
-    store.import(rows, unix_now()).await?;
+    store.link(rows, false, Clock::system().now()).await?;
     drop(store);
     tracing::info!(accounts, companies = COMPANY_ACCOUNTS, dir = %dir.path().display(),
         "demo: mock provider at {}, tokens live {}s; Ctrl-C to stop", mock.url(), TOKEN_TTL.as_secs());
@@ -126,6 +127,7 @@ client_secret_file = "{secret}"
             shutdown,
             reload: reload_rx,
             log: None,
+            clock: Clock::system(),
         },
     )
     .await?;

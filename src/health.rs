@@ -1,25 +1,26 @@
 //! The health file: a JSON snapshot of the daemon and its accounts, written atomically
-//! (temporary file in the same directory, fsync, rename) so a reader never sees half a file.
+//! (a temporary file in the same directory, fsync, rename) so a reader never sees half a file.
 //! It never contains a token: accounts appear by id only.
 //!
 //! `status` is `starting` until the first snapshot after start-up, `stopping` during shutdown,
-//! `failing` when the store cannot write or every account of some profile is failing or paused,
-//! `degraded` when any account is not `active`, a profile is paused or the last reload failed,
-//! and `ok` otherwise.
+//! `stopped` after a clean stop; `failing` when the store cannot write, a kept-alive token has
+//! lapsed, or every account of some profile is failing or paused; `degraded` when any account is
+//! not `active`, a profile is paused, a refresh token is at risk or the last reload failed; and
+//! `ok` otherwise.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, unix_now};
+use crate::shared::{Shared, lock};
+use crate::state::State;
 
-/// Most account ids listed in each attention list.
+/// Most account ids listed in each list.
 const LIST_LIMIT: usize = 50;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,10 +28,14 @@ pub struct Health {
     pub status: String,
     pub updated_at: i64,
     pub started_at: i64,
+    /// Set once the daemon stopped cleanly.
+    #[serde(default)]
+    pub stopped_at: Option<i64>,
     pub pid: u32,
     pub version: String,
     pub instance: String,
     pub heartbeat_s: u64,
+    pub database: String,
     pub config: ConfigInfo,
     pub store: StoreInfo,
     pub accounts: AccountCounts,
@@ -39,7 +44,21 @@ pub struct Health {
     pub refreshes: Done,
     pub probes: Done,
     pub last_errors: BTreeMap<String, LastError>,
-    pub at_risk: AtRisk,
+    pub at_risk: IdList,
+    /// Kept-alive user accounts whose access token has expired (a lapse under way).
+    #[serde(default)]
+    pub lapsed: IdList,
+    /// The account failing the longest, and since when.
+    #[serde(default)]
+    pub oldest_failure: Option<Since>,
+    #[serde(default)]
+    pub revocation: RevocationInfo,
+    /// Accounts whose rotated pair waits in the recovery journal.
+    #[serde(default)]
+    pub journaled: Vec<String>,
+    /// Notification sinks: backlog, oldest undelivered, dead letters.
+    #[serde(default)]
+    pub notifications: BTreeMap<String, SinkInfo>,
     /// Accounts not `active`, by id, with their state (at most 50).
     pub attention: Vec<Attention>,
 }
@@ -71,9 +90,14 @@ pub struct ProfileInfo {
     pub by_state: BTreeMap<String, u64>,
     pub paused: bool,
     pub paused_reason: Option<String>,
+    #[serde(default)]
+    pub paused_since: Option<i64>,
     /// Most requests to this profile fail; it is being probed, not hammered.
     #[serde(default)]
     pub circuit_open: bool,
+    /// The adaptive limit of requests in flight to this profile.
+    #[serde(default)]
+    pub concurrency_limit: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -89,9 +113,31 @@ pub struct LastError {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AtRisk {
+pub struct IdList {
     pub count: u64,
     pub accounts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Since {
+    pub id: String,
+    pub since: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevocationInfo {
+    pub schedule: String,
+    pub last_run_at: Option<i64>,
+    pub last_run_probed: Option<u64>,
+    pub next_run_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SinkInfo {
+    pub backlog: u64,
+    pub oldest_undelivered_at: Option<i64>,
+    pub dead_letters: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -100,22 +146,24 @@ pub struct Attention {
     pub state: String,
 }
 
-/// What the daemon around the engine knows: start time, config reloads, stopping.
-#[derive(Debug)]
+/// What the daemon around the engine knows: start time, reloads, stopping, and parts of the
+/// snapshot other tasks provide.
 pub struct DaemonInfo {
     pub started_at: i64,
     pub config: Mutex<ConfigInfo>,
-    pub stopping: std::sync::atomic::AtomicBool,
-    pub heartbeat: Mutex<Duration>,
-    pub refresh_token_risk: Mutex<(i64, i64)>,
+    pub stopping: AtomicBool,
+    pub stopped_at: Mutex<Option<i64>>,
+    /// The revocation checker, for its last run.
+    pub checker: Mutex<Option<Arc<crate::revocation::Checker>>>,
+    /// Notification sinks, as the notifier reports them.
+    pub notifications: Mutex<BTreeMap<String, SinkInfo>>,
     writing: tokio::sync::Mutex<()>,
     /// The last account count, with the engine generation it was taken at.
     counted: Mutex<Option<(u64, Counted)>>,
 }
 
 impl DaemonInfo {
-    pub fn new(config_path: &Path, heartbeat: Duration, lifetime: i64, margin: i64) -> DaemonInfo {
-        let now = unix_now();
+    pub fn new(config_path: &Path, now: i64) -> DaemonInfo {
         DaemonInfo {
             started_at: now,
             config: Mutex::new(ConfigInfo {
@@ -124,9 +172,10 @@ impl DaemonInfo {
                 last_reload_ok: true,
                 last_reload_error: None,
             }),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            heartbeat: Mutex::new(heartbeat),
-            refresh_token_risk: Mutex::new((lifetime, margin)),
+            stopping: AtomicBool::new(false),
+            stopped_at: Mutex::new(None),
+            checker: Mutex::new(None),
+            notifications: Mutex::new(BTreeMap::new()),
             writing: tokio::sync::Mutex::new(()),
             counted: Mutex::new(None),
         }
@@ -134,17 +183,19 @@ impl DaemonInfo {
 }
 
 /// The health file written at start-up, before anything is counted.
-pub fn starting(engine: &Engine, info: &DaemonInfo) -> Health {
-    let now = unix_now();
+pub fn starting(shared: &Shared, info: &DaemonInfo) -> Health {
+    let rt = shared.runtime();
     Health {
         status: "starting".into(),
-        updated_at: now,
+        updated_at: shared.clock.now(),
         started_at: info.started_at,
+        stopped_at: None,
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        instance: engine.owner().to_owned(),
-        heartbeat_s: info.heartbeat.lock().map(|d| d.as_secs()).unwrap_or(30),
-        config: info.config.lock().map(|c| c.clone()).unwrap_or_default(),
+        instance: shared.owner.clone(),
+        heartbeat_s: rt.config.daemon.health_interval.get().as_secs(),
+        database: shared.store.path().display().to_string(),
+        config: lock(&info.config).clone(),
         store: StoreInfo {
             writable: true,
             error: None,
@@ -155,32 +206,76 @@ pub fn starting(engine: &Engine, info: &DaemonInfo) -> Health {
         refreshes: Done::default(),
         probes: Done::default(),
         last_errors: BTreeMap::new(),
-        at_risk: AtRisk::default(),
+        at_risk: IdList::default(),
+        lapsed: IdList::default(),
+        oldest_failure: None,
+        revocation: RevocationInfo::default(),
+        journaled: Vec::new(),
+        notifications: BTreeMap::new(),
         attention: Vec::new(),
     }
 }
 
-/// Build a snapshot from the store and the engine's counters.
-pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
-    let now = unix_now();
-    let store = engine.store();
-    let stats = &engine.stats;
-    let mut store_error = stats.store_error.lock().ok().and_then(|e| e.clone());
+type Counted = (AccountCounts, BTreeMap<String, ProfileInfo>, Vec<Attention>);
+
+async fn count(shared: &Shared) -> Result<Counted, crate::store::StoreError> {
+    let mut accounts = AccountCounts::default();
+    let mut profiles: BTreeMap<String, ProfileInfo> = BTreeMap::new();
+    let single = shared
+        .runtime()
+        .config
+        .single_profile()
+        .map(|p| p.name.clone());
+    for c in shared.store.counts().await? {
+        accounts.total += c.count;
+        *accounts
+            .by_state
+            .entry(c.state.as_str().to_owned())
+            .or_default() += c.count;
+        *accounts
+            .by_token_type
+            .entry(c.token_type.clone())
+            .or_default() += c.count;
+        let name = c
+            .profile
+            .clone()
+            .or_else(|| single.clone())
+            .unwrap_or_else(|| "(none)".into());
+        let p = profiles.entry(name).or_default();
+        p.accounts += c.count;
+        *p.by_state.entry(c.state.as_str().to_owned()).or_default() += c.count;
+    }
+    let attention = shared
+        .store
+        .attention(LIST_LIMIT)
+        .await?
+        .into_iter()
+        .map(|(id, state)| Attention {
+            id,
+            state: state.as_str().to_owned(),
+        })
+        .collect();
+    Ok((accounts, profiles, attention))
+}
+
+/// Build a snapshot from the store and the shared counters.
+pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
+    let now = shared.clock.now();
+    let rt = shared.runtime();
+    let d = &rt.config.daemon;
+    let store = &shared.store;
+    let stats = &shared.stats;
+    let mut store_error = stats.store_error();
     // Counting every account is the costly part; do it only when something changed.
     let generation = stats.generation.load(Ordering::Relaxed);
-    let cached = info
-        .counted
-        .lock()
-        .ok()
-        .and_then(|c| c.clone())
+    let cached = lock(&info.counted)
+        .clone()
         .filter(|c| c.0 == generation);
     let (accounts, mut profiles, attention) = match cached {
         Some((_, counted)) => counted,
-        None => match count(store).await {
+        None => match count(shared).await {
             Ok(counted) => {
-                if let Ok(mut c) = info.counted.lock() {
-                    *c = Some((generation, counted.clone()));
-                }
+                *lock(&info.counted) = Some((generation, counted.clone()));
                 counted
             }
             Err(e) => {
@@ -189,47 +284,59 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
             }
         },
     };
-    for (name, reason) in engine.paused_profiles() {
+    for (name, reason, since) in shared.pauses.list() {
         let p = profiles.entry(name).or_default();
         p.paused = true;
         p.paused_reason = Some(reason);
+        p.paused_since = Some(since);
     }
-    for name in engine.open_circuits() {
+    for name in shared.breakers.open() {
         profiles.entry(name).or_default().circuit_open = true;
     }
-    let (lifetime, margin) = info.refresh_token_risk.lock().map(|g| *g).unwrap_or((0, 0));
-    let risk_before = now - (lifetime - margin);
-    let at_risk = match store.at_risk(risk_before, LIST_LIMIT).await {
-        Ok((accounts, count)) => AtRisk { count, accounts },
+    for (name, limit, _) in shared.limits.snapshot() {
+        if let Some(p) = profiles.get_mut(&name) {
+            p.concurrency_limit = Some((limit * 10.0).round() / 10.0);
+        }
+    }
+    let risk_before =
+        now - (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64;
+    let mut list = |r: Result<(Vec<String>, u64), crate::store::StoreError>| match r {
+        Ok((accounts, count)) => IdList { count, accounts },
         Err(e) => {
             store_error = Some(e.to_string());
-            AtRisk::default()
+            IdList::default()
         }
     };
-    let next_refresh_at = store.next_due().await.ok().flatten();
+    let at_risk = list(store.at_risk(risk_before, LIST_LIMIT).await);
+    let lapsed = list(store.lapsed(now, LIST_LIMIT).await);
+    let oldest_failure = store
+        .oldest_failure()
+        .await
+        .ok()
+        .flatten()
+        .map(|(id, since)| Since { id, since });
+    let groups = rt
+        .config
+        .profiles
+        .iter()
+        .map(|p| Some(p.name.clone()))
+        .collect();
+    let next_refresh_at = store.next_due(groups).await.ok().flatten();
     let last_errors = stats
-        .last_errors
-        .lock()
-        .map(|m| {
-            m.iter()
-                .map(|(k, (message, at))| {
-                    (
-                        (*k).to_owned(),
-                        LastError {
-                            message: message.clone(),
-                            at: *at,
-                        },
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+        .last_errors()
+        .into_iter()
+        .map(|(k, message, at)| (k.to_owned(), LastError { message, at }))
+        .collect();
     let writable = !stats.store_unwritable.load(Ordering::Relaxed);
-    let config = info.config.lock().map(|c| c.clone()).unwrap_or_default();
+    let last_run = lock(&info.checker).as_ref().and_then(|c| c.last_run());
+    let (last_run_at, last_run_probed) = match last_run {
+        Some((at, summary)) => (Some(at), Some(summary.probed)),
+        None => (None, None),
+    };
     let mut health = Health {
         status: String::new(),
         updated_at: now,
-        config,
+        stopped_at: *lock(&info.stopped_at),
         store: StoreInfo {
             writable,
             error: if writable { None } else { store_error },
@@ -247,11 +354,23 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
         },
         last_errors,
         at_risk,
+        lapsed,
+        oldest_failure,
+        revocation: RevocationInfo {
+            schedule: d.revocation_schedule.clone(),
+            last_run_at,
+            last_run_probed,
+            next_run_at: crate::revocation::next_run(&d.revocation_schedule, now),
+        },
+        journaled: shared.journaled(),
+        notifications: lock(&info.notifications).clone(),
         attention,
-        // pid, version, instance, start time, heartbeat: as at start-up.
-        ..starting(engine, info)
+        // pid, version, instance, start time, heartbeat, config: as at start-up.
+        ..starting(shared, info)
     };
-    health.status = if info.stopping.load(Ordering::Relaxed) {
+    health.status = if health.stopped_at.is_some() {
+        "stopped".into()
+    } else if info.stopping.load(Ordering::Relaxed) {
         "stopping".into()
     } else {
         overall_status(&health).into()
@@ -259,88 +378,57 @@ pub async fn snapshot(engine: &Engine, info: &DaemonInfo) -> Health {
     health
 }
 
-type Counted = (AccountCounts, BTreeMap<String, ProfileInfo>, Vec<Attention>);
-
-async fn count(store: &crate::store::Store) -> Result<Counted, crate::store::StoreError> {
-    let mut accounts = AccountCounts::default();
-    let mut profiles: BTreeMap<String, ProfileInfo> = BTreeMap::new();
-    for c in store.counts().await? {
-        accounts.total += c.count;
-        *accounts.by_state.entry(c.state.clone()).or_default() += c.count;
-        *accounts
-            .by_token_type
-            .entry(c.token_type.clone())
-            .or_default() += c.count;
-        let p = profiles
-            .entry(c.profile.clone().unwrap_or_else(|| "(default)".into()))
-            .or_default();
-        p.accounts += c.count;
-        *p.by_state.entry(c.state).or_default() += c.count;
-    }
-    let attention = store
-        .attention(LIST_LIMIT)
-        .await?
-        .into_iter()
-        .map(|(id, state)| Attention { id, state })
-        .collect();
-    Ok((accounts, profiles, attention))
-}
-
 /// `failing`, `degraded` or `ok`, as documented in the module header and the README.
 pub fn overall_status(h: &Health) -> &'static str {
-    let schedulable = |p: &ProfileInfo| {
-        ["active", "failing", "paused"]
+    let sum = |p: &ProfileInfo, states: &[State]| {
+        states
             .iter()
-            .map(|s| p.by_state.get(*s).copied().unwrap_or(0))
+            .map(|s| p.by_state.get(s.as_str()).copied().unwrap_or(0))
             .sum::<u64>()
     };
-    let stuck = |p: &ProfileInfo| {
-        ["failing", "paused"]
-            .iter()
-            .map(|s| p.by_state.get(*s).copied().unwrap_or(0))
-            .sum::<u64>()
-    };
+    let schedulable = |p: &ProfileInfo| sum(p, &[State::Active, State::Failing, State::Paused]);
+    let stuck = |p: &ProfileInfo| sum(p, &[State::Failing, State::Paused]);
     if !h.store.writable
+        || h.lapsed.count > 0
+        || !h.journaled.is_empty()
         || h.profiles
             .values()
             .any(|p| schedulable(p) > 0 && stuck(p) == schedulable(p))
     {
         return "failing";
     }
-    let not_active = h.accounts.total - h.accounts.by_state.get("active").copied().unwrap_or(0);
-    if not_active > 0
+    let active = h.accounts.by_state.get("active").copied().unwrap_or(0);
+    if h.accounts.total > active
         || h.profiles.values().any(|p| p.paused)
         || !h.config.last_reload_ok
         || h.at_risk.count > 0
+        || h.notifications.values().any(|n| n.dead_letters > 0)
     {
         return "degraded";
     }
     "ok"
 }
 
-/// Write `health` to `path` atomically, mode 0644.
+/// Write `health` to `path` atomically (temporary file in the same directory, fsync, rename),
+/// mode 0644: it holds no secret, and monitoring running as another user reads it.
 pub fn write_atomic(path: &Path, health: &Health) -> std::io::Result<()> {
+    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let tmp: PathBuf = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
     let body = serde_json::to_vec_pretty(health).map_err(std::io::Error::other)?;
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
-        f.write_all(b"\n")?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".health.")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(&body)?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     // Make the rename itself durable; failure here is not worth failing the write over.
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -349,36 +437,30 @@ pub fn write_atomic(path: &Path, health: &Health) -> std::io::Result<()> {
 }
 
 /// Keep the health file current: on every state change (at most once a second) and every
-/// heartbeat, until `shutdown`.
+/// heartbeat, until `stop`. The path and heartbeat come from the configuration in force.
 pub async fn run_writer(
-    engine: Arc<Engine>,
+    shared: Arc<Shared>,
     info: Arc<DaemonInfo>,
-    path: Arc<Mutex<PathBuf>>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
     on_write: impl Fn(&Health) + Send + 'static,
 ) {
-    let changed = engine.changed.clone();
     let mut last_write = tokio::time::Instant::now() - Duration::from_secs(1);
     loop {
-        let heartbeat = info
-            .heartbeat
-            .lock()
-            .map(|d| *d)
-            .unwrap_or(Duration::from_secs(30));
+        let heartbeat = shared.runtime().config.daemon.health_interval.get();
         let since = last_write.elapsed();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = tokio::time::sleep(heartbeat.saturating_sub(since)) => {}
-            _ = changed.notified() => {
+            _ = shared.changed.notified() => {
                 // Coalesce bursts of changes into one write a second.
                 let wait = Duration::from_secs(1).saturating_sub(last_write.elapsed());
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
         }
-        if let Some(h) = write_now(&engine, &info, &path).await {
+        if let Some(h) = write_now(&shared, &info).await {
             on_write(&h);
         }
         last_write = tokio::time::Instant::now();
@@ -387,19 +469,15 @@ pub async fn run_writer(
 
 /// Take a snapshot and write it; a failed write is logged, not fatal. Writes are serialised so
 /// an older snapshot never replaces a newer one.
-pub async fn write_now(
-    engine: &Engine,
-    info: &DaemonInfo,
-    path: &Mutex<PathBuf>,
-) -> Option<Health> {
+pub async fn write_now(shared: &Shared, info: &DaemonInfo) -> Option<Health> {
     let _turn = info.writing.lock().await;
-    let h = snapshot(engine, info).await;
-    let p = path.lock().map(|p| p.clone()).ok()?;
-    let (h2, p2) = (h.clone(), p.clone());
+    let h = snapshot(shared, info).await;
+    let path = shared.runtime().config.daemon.health_file.clone();
+    let (h2, p2) = (h.clone(), path.clone());
     match tokio::task::spawn_blocking(move || write_atomic(&p2, &h2)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::error!(path = %p.display(), error = %e, "cannot write the health file")
+            tracing::error!(path = %path.display(), error = %e, "cannot write the health file")
         }
         Err(e) => tracing::error!(error = %e, "health writer task failed"),
     }
@@ -425,10 +503,13 @@ pub fn one_line(h: &Health) -> String {
     if parts.is_empty() {
         parts.push("no accounts".into());
     }
+    if h.lapsed.count > 0 {
+        parts.push(format!("{} LAPSED", h.lapsed.count));
+    }
     let next = h
         .next_refresh_at
         .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
-        .map(|t| format!("; next refresh {}", t.format("%H:%M:%S")))
+        .map(|t| format!("; next refresh {}", t.format("%H:%M:%S UTC")))
         .unwrap_or_default();
     format!("{}{next}", parts.join(", "))
 }

@@ -2,13 +2,17 @@
 //!
 //! Layout, in the direction data flows:
 //! - [`config`]: the TOML file, validated; connector profiles and their secrets.
-//! - [`store`]: the SQLite account store, on its own thread; no SQL outside it.
-//! - [`provider`]: the OAuth client (refresh, revocation probes), answers classified.
-//! - [`breaker`]: per-profile circuit breakers for provider outages.
-//! - [`engine`]: claims due accounts, refreshes them, writes outcomes back.
+//! - [`clock`]: the one clock (the system's; tokio's in tests).
+//! - [`store`]: the SQLite account store; no SQL outside it. [`journal`]: rotated pairs the
+//!   store could not take yet, kept durably beside it.
+//! - [`provider`]: the OAuth client (refresh, probes, revocation), answers classified.
+//! - [`breaker`], [`limiter`]: per-profile circuit breakers and adaptive concurrency.
+//! - [`shared`]: what the tasks below share: store, clock, configuration in force, counters,
+//!   and the one way to commit an outcome.
+//! - [`engine`]: claims due accounts and refreshes them (`policy`: what a row and an answer
+//!   mean, pure; `pauses`: misconfigured profiles; the loop).
 //! - [`revocation`]: cron-scheduled revocation checks of company tokens.
-//! - [`health`]: the health file and the one-line status.
-//! - [`telemetry`]: logs for terminals, journald and log shippers.
+//! - [`health`], [`metrics`], [`telemetry`]: the health file, Prometheus metrics, logs.
 //! - [`daemon`]: `tokend run`: wires the above, handles signals, reload, readiness, shutdown.
 //! - [`state`]: the account-state vocabulary shared by all of the above.
 //! - [`cli`], [`accounts`], [`demo`]: the command line, account import, the demo (which alone
@@ -18,14 +22,19 @@
 pub mod accounts;
 pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod engine;
 pub mod health;
+pub mod journal;
+pub mod limiter;
+pub mod metrics;
 pub mod provider;
 pub mod revocation;
+pub mod shared;
 pub mod state;
 pub mod store;
 pub mod telemetry;

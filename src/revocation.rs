@@ -9,16 +9,18 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::TokenType;
-use crate::engine::{Engine, backoff, unix_now, validate};
+use crate::engine::policy::{self, Cx};
 use crate::provider::ProbeOutcome;
+use crate::shared::{Shared, lock};
 use crate::state::State;
-use crate::store::{Account, Update};
+use crate::store::{Account, Change, Committed, Decision, Guard, Lease, Outcome};
 
 /// Totals of one run, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -32,23 +34,38 @@ pub struct RunSummary {
 
 /// Runs checks; guards against overlap and tracks the confirmation and retry tasks it spawns.
 pub struct Checker {
-    engine: Arc<Engine>,
+    shared: Arc<Shared>,
     running: AtomicBool,
     /// Accounts with a confirmation or retry pending: runs leave them to it.
     pending: Mutex<HashSet<String>>,
     tasks: TaskTracker,
-    shutdown: CancellationToken,
+    /// Stops new probes and pending confirmations.
+    stop: CancellationToken,
+    /// Only this abandons a probe result the store cannot take yet.
+    hard_stop: CancellationToken,
+    last_run: Mutex<Option<(i64, RunSummary)>>,
 }
 
 impl Checker {
-    pub fn new(engine: Arc<Engine>, shutdown: CancellationToken) -> Arc<Checker> {
+    pub fn new(
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Arc<Checker> {
         Arc::new(Checker {
-            engine,
+            shared,
             running: AtomicBool::new(false),
             pending: Mutex::new(HashSet::new()),
             tasks: TaskTracker::new(),
-            shutdown,
+            stop,
+            hard_stop,
+            last_run: Mutex::new(None),
         })
+    }
+
+    /// When the last run ended, and what it did.
+    pub fn last_run(&self) -> Option<(i64, RunSummary)> {
+        lock(&self.last_run).clone()
     }
 
     /// One revocation run. Returns `None` when a previous run is still going.
@@ -59,6 +76,7 @@ impl Checker {
         }
         let summary = self.run_inner().await;
         self.running.store(false, Ordering::SeqCst);
+        *lock(&self.last_run) = Some((self.shared.clock.now(), summary.clone()));
         tracing::info!(
             probed = summary.probed,
             active = summary.active,
@@ -66,13 +84,15 @@ impl Checker {
             transient = summary.transient,
             "revocation run done"
         );
+        self.shared.changed.notify_one();
         Some(summary)
     }
 
     async fn run_inner(self: &Arc<Self>) -> RunSummary {
+        let s = &self.shared;
         let mut summary = RunSummary::default();
-        let now = unix_now();
-        let accounts = match self.engine.store().company_accounts(now).await {
+        let now = s.clock.now();
+        let accounts = match s.store.company_accounts(now).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "revocation run cannot read accounts");
@@ -81,28 +101,29 @@ impl Checker {
         };
         // One lane per profile, each spaced by the profile's interval; lanes run side by side.
         let mut lanes: BTreeMap<String, Vec<Account>> = BTreeMap::new();
-        let rt = self.engine.runtime();
+        let rt = s.runtime();
         for a in accounts {
-            let profile = match validate(&rt.config, &a, now) {
-                Ok((p, TokenType::Company)) => p.name.clone(),
-                _ => continue,
+            let Ok(p) = policy::check(&rt.config, &policy::Fields::of(&a)) else {
+                continue;
             };
-            lanes.entry(profile).or_default().push(a);
+            if a.token_type == TokenType::Company {
+                lanes.entry(p.name.clone()).or_default().push(a);
+            }
         }
         let mut handles = Vec::new();
         for (profile, accounts) in lanes {
             let me = self.clone();
-            handles.push(tokio::spawn(
-                async move { me.lane(&profile, accounts).await },
-            ));
+            handles.push(tokio::spawn(async move {
+                me.lane(profile.as_str(), accounts).await
+            }));
         }
         for h in handles {
-            if let Ok(s) = h.await {
-                summary.probed += s.probed;
-                summary.active += s.active;
-                summary.suspect += s.suspect;
-                summary.transient += s.transient;
-                summary.skipped += s.skipped;
+            if let Ok(l) = h.await {
+                summary.probed += l.probed;
+                summary.active += l.active;
+                summary.suspect += l.suspect;
+                summary.transient += l.transient;
+                summary.skipped += l.skipped;
             }
         }
         summary
@@ -110,16 +131,16 @@ impl Checker {
 
     async fn lane(self: &Arc<Self>, profile: &str, accounts: Vec<Account>) -> RunSummary {
         let mut s = RunSummary::default();
-        let spacing = self.engine.runtime().config.daemon.probe_interval.get();
+        let spacing = self.shared.runtime().config.daemon.probe_interval.get();
         let mut tick = tokio::time::interval(spacing.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for a in accounts {
-            if self.pending.lock().is_ok_and(|p| p.contains(&a.id)) {
+            if lock(&self.pending).contains(&a.id) {
                 s.skipped += 1;
                 continue;
             }
             tokio::select! {
-                _ = self.shutdown.cancelled() => break,
+                _ = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             match self.check(&a.id, false).await {
@@ -138,117 +159,128 @@ impl Checker {
     }
 
     /// Probe one company account (leasing it first) and commit what the answer means.
-    async fn check(self: &Arc<Self>, id: &str, confirming: bool) -> Option<Verdict> {
-        let engine = &self.engine;
-        let rt = engine.runtime();
+    pub async fn check(self: &Arc<Self>, id: &str, confirming: bool) -> Option<Verdict> {
+        let s = &self.shared;
+        let rt = s.runtime();
         let d = &rt.config.daemon;
-        let now = unix_now();
-        let a = engine
-            .store()
-            .lease_one(id, engine.owner(), now, now + d.lease.as_secs_i64())
+        let now = s.clock.now();
+        let lease = Lease {
+            owner: s.owner.clone(),
+            now,
+            until: now + d.lease.as_secs_i64(),
+            grace: 0,
+        };
+        let config = rt.clone();
+        let claimed = s
+            .store
+            .claim_one(id, lease, move |a| {
+                policy::plan_probe(
+                    &Cx {
+                        config: &config.config,
+                        now,
+                    },
+                    a,
+                )
+            })
             .await
             .ok()
-            .flatten()?;
-        let prior = State::parse(&a.state);
-        let valid = validate(&rt.config, &a, now).ok();
-        let (profile, token) = match (valid, &a.access_token) {
-            (Some((p, TokenType::Company)), Some(t))
-                if matches!(prior, Some(State::Active | State::Failing)) =>
-            {
-                (p.clone(), t.clone())
-            }
-            _ => {
-                let _ = engine.store().release(id, engine.owner()).await;
-                return None;
-            }
+            .flatten();
+        let a = match claimed {
+            Some((a, Decision::Probe)) => a,
+            _ => return None,
         };
+        let profile = rt.config.profile_for(a.profile.as_deref())?.clone();
+        let token = a.access_token.clone()?;
         let started = Instant::now();
         let outcome = rt.provider.probe(&profile, &token).await;
         let latency_ms = started.elapsed().as_millis() as u64;
-        let now = unix_now();
-        let mut u = Update {
-            id: a.id.clone(),
-            revision: a.revision,
-            from: prior,
-            to: prior.unwrap_or(State::Active),
+        let now = s.clock.now();
+        let mut ch = Change {
+            to: a.state,
             reason: None,
-            tokens: None,
             next_action_at: None,
             failures: a.failures,
             last_error: None,
             checked_at: Some(now),
-            now,
+            profile: None,
         };
-        let mut next_action_at = next_run(&d.revocation_schedule, now);
         let verdict = match outcome {
             ProbeOutcome::Active => {
-                engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
-                u.to = State::Active;
-                u.failures = 0;
-                if prior != Some(State::Active) {
-                    u.reason = Some("probe answered: token active".into());
+                s.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
+                ch.to = State::Active;
+                ch.failures = 0;
+                if a.state != State::Active {
+                    ch.reason = Some("probe answered: token active".into());
                 }
                 Verdict::Active
             }
             ProbeOutcome::Dead(why) if confirming => {
-                next_action_at = None;
-                engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
-                u.to = State::Revoked;
-                u.reason = Some(format!("revocation confirmed by a second probe: {why}"));
-                u.last_error = u.reason.clone();
+                s.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
+                ch.to = State::Revoked;
+                ch.reason = Some(format!("revocation confirmed by a second probe: {why}"));
+                ch.last_error = ch.reason.clone();
                 Verdict::Revoked
             }
             ProbeOutcome::Dead(why) => {
-                engine.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
-                u.last_error = Some(format!("probe says dead ({why}); confirming"));
-                let delay = d.revocation_confirm_delay.get();
-                next_action_at = Some(now + delay.as_secs() as i64);
-                self.later(a.id.clone(), delay, true);
+                s.stats.probes_ok.fetch_add(1, Ordering::Relaxed);
+                ch.last_error = Some(format!("probe says dead ({why}); confirming"));
+                self.later(a.id.clone(), d.revocation_confirm_delay.get(), true);
                 Verdict::Suspect
             }
             ProbeOutcome::Transient {
                 reason,
                 retry_after,
             } => {
-                engine.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
-                engine.stats.record_error("probe", &reason);
-                u.failures = a.failures.saturating_add(1);
-                u.to = State::Failing;
-                u.reason = Some(reason.clone());
-                u.last_error = Some(reason);
-                u.checked_at = None;
-                let delay = backoff(d, u.failures).max(retry_after.unwrap_or_default());
-                next_action_at = Some(now + delay.as_secs() as i64);
+                s.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                s.record_error("probe", &reason);
+                ch.failures = a.failures.saturating_add(1);
+                ch.to = State::Failing;
+                ch.reason = Some(reason.clone());
+                ch.last_error = Some(reason);
+                ch.checked_at = None;
+                let delay = policy::backoff(d, ch.failures).max(retry_after.unwrap_or_default());
                 self.later(a.id.clone(), delay, confirming);
                 Verdict::Transient
             }
             ProbeOutcome::Misconfigured(reason) => {
-                engine.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
-                engine.stats.record_error("profile", &reason);
-                u.last_error = Some(reason);
-                u.checked_at = None;
+                s.stats.probes_failed.fetch_add(1, Ordering::Relaxed);
+                s.record_error("profile", &reason);
+                ch.last_error = Some(reason);
+                ch.checked_at = None;
                 Verdict::Transient
             }
         };
+        s.metrics.probe(&profile.name, verdict.as_str());
         tracing::info!(account_id = %a.id, profile = %profile.name, outcome = verdict.as_str(),
-            latency_ms, next_action_at, "probe");
-        engine.commit(u, &self.shutdown).await;
+            latency_ms, "probe");
+        let outcome = Outcome {
+            id: a.id.clone(),
+            guard: Guard::Lease(s.owner.clone()),
+            tokens: None,
+            change: ch.clone(),
+            notes: Vec::new(),
+            now,
+        };
+        // The hard stop, not the soft one: a probe result meeting a locked store during
+        // shutdown is still committed if the store frees up before the deadline.
+        if let Some(Committed::Applied { from, .. }) = s.commit(outcome, &self.hard_stop).await
+            && from != ch.to
+        {
+            crate::engine::log_transition(&a.id, from, ch.to, ch.reason.as_deref());
+            s.state_changed();
+        }
         Some(verdict)
     }
 
     /// Probe `id` again after `delay` (a confirmation, or a retry after a transient failure).
     fn later(self: &Arc<Self>, id: String, delay: Duration, confirming: bool) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(id.clone());
-        }
+        lock(&self.pending).insert(id.clone());
         let me = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = me.shutdown.cancelled() => {}
+                _ = me.stop.cancelled() => {}
                 _ = tokio::time::sleep(delay) => {
-                    if let Ok(mut p) = me.pending.lock() {
-                        p.remove(&id);
-                    }
+                    lock(&me.pending).remove(&id);
                     me.check(&id, confirming).await;
                 }
             }
@@ -263,7 +295,7 @@ impl Checker {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+pub enum Verdict {
     Active,
     Suspect,
     Transient,

@@ -44,6 +44,11 @@ impl State {
         State::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
+    /// States in which tokend keeps the account alive on a schedule.
+    pub fn is_schedulable(self) -> bool {
+        matches!(self, State::Active | State::Failing)
+    }
+
     /// States that only a new grant written into the row can leave.
     pub fn is_terminal(self) -> bool {
         matches!(self, State::NeedsReauth | State::Revoked | State::Invalid)

@@ -169,7 +169,7 @@ async fn token_prints_a_valid_token_or_says_why_not() {
 #[test]
 fn demo_runs_clean() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
-        .args(["demo", "--duration", "20s"])
+        .args(["demo", "--duration", "8s"])
         .env_remove("RUST_LOG")
         .output()
         .expect("demo");
@@ -185,5 +185,6 @@ fn demo_runs_clean() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .expect("refresh count");
-    assert!(refreshes >= 20, "{stdout}");
+    // 30 accounts on 30 s tokens of every age: a third or more are due within 8 s.
+    assert!(refreshes >= 8, "{stdout}");
 }

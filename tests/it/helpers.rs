@@ -1,5 +1,10 @@
 //! Shared test setup: a temp directory with a config, a real SQLite file and a mock provider on
 //! 127.0.0.1:0, plus ways to run the daemon in-process or as the real binary.
+//!
+//! In-process tests run on tokio's paused clock (`#[tokio::test(start_paused = true)]`): the
+//! daemon and the mock read time from the same driven clock, so a test ages tokens by hours in
+//! milliseconds and never sleeps to wait. Process tests (signals, exit codes, kill -9) run the
+//! binary in real time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -7,9 +12,10 @@ use std::sync::Once;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
+use tokend::clock::Clock;
 use tokend::config::Config;
 use tokend::daemon::{self, Control};
-use tokend_mock::{MockConfig, MockProvider};
+use tokend_mock::{MockClock, MockConfig, MockProvider};
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "CANARY-client-secret-7f3a9";
@@ -28,6 +34,7 @@ fn init_logs() {
 
 pub struct Env {
     pub dir: tempfile::TempDir,
+    pub clock: Clock,
     pub mock: MockProvider,
     pub config_path: PathBuf,
     pub db: PathBuf,
@@ -55,6 +62,8 @@ pub fn daemon_toml(env_dir: &Path, extra: &str) -> String {
         ("lease", "\"10s\""),
         ("health_interval", "\"2s\""),
         ("shutdown_timeout", "\"10s\""),
+        ("min_refresh_interval", "\"1s\""),
+        ("max_token_requests_per_hour", "1000"),
         ("revocation_schedule", "\"0 0 0 1 1 *\""),
         ("log_level", "\"debug\""),
     ];
@@ -83,32 +92,46 @@ pub fn profile_toml(name: &str, url: &str, secret_file: &Path) -> String {
 }
 
 impl Env {
+    /// A fresh environment. Under a paused runtime its clock is the driven one.
     pub async fn new(mock: MockConfig, daemon_extra: &str) -> Env {
+        Env::with_profile(mock, daemon_extra, "").await
+    }
+
+    /// As [`Env::new`], with extra lines appended to the `factorial` profile.
+    pub async fn with_profile(mock: MockConfig, daemon_extra: &str, profile_extra: &str) -> Env {
         init_logs();
         let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Clock::tokio();
+        let mock_clock = {
+            let c = clock.clone();
+            MockClock::new(move || c.now_ms())
+        };
         let mock = MockProvider::start(MockConfig {
             client_secret: SECRET.into(),
+            clock: mock_clock,
             ..mock
         })
         .await
         .expect("mock");
         let secret_file = dir.path().join("secret");
-        std::fs::write(&secret_file, SECRET).expect("secret");
+        write_private(&secret_file, SECRET);
         let config_path = dir.path().join("tokend.toml");
         let text = daemon_toml(dir.path(), daemon_extra)
-            + &profile_toml("factorial", &mock.url(), &secret_file);
+            + &profile_toml("factorial", &mock.url(), &secret_file)
+            + profile_extra;
         std::fs::write(&config_path, text).expect("config");
         let db = dir.path().join("tokend.db");
         let health = dir.path().join("health.json");
         let env = Env {
             dir,
+            clock,
             mock,
             config_path,
             db,
             health,
         };
         // Create the schema up front so tests can insert rows before the daemon starts.
-        drop(tokend::store::Store::open(&env.db).expect("store"));
+        tokend::store::Store::open(&env.db).expect("store").0.close().await;
         env
     }
 
@@ -125,6 +148,11 @@ impl Env {
         c.busy_timeout(Duration::from_secs(10))
             .expect("busy timeout");
         c
+    }
+
+    /// Unix seconds on the test's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     /// Insert a user account with a grant issued by the mock `age` ago.
@@ -158,6 +186,16 @@ impl Env {
             .expect("state")
     }
 
+    pub fn reason(&self, id: &str) -> Option<String> {
+        self.conn()
+            .query_row(
+                "SELECT state_reason FROM accounts WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .expect("reason")
+    }
+
     pub fn count_state(&self, state: &str) -> i64 {
         self.conn()
             .query_row(
@@ -179,8 +217,26 @@ impl Env {
             .expect("tokens")
     }
 
-    /// Run the daemon in this process; stop it with the returned token.
+    /// Events of `kind` recorded for `id`.
+    pub fn events(&self, id: &str, kind: &str) -> Vec<(Option<String>, Option<String>)> {
+        let c = self.conn();
+        let mut s = c
+            .prepare(
+                "SELECT to_state, reason FROM account_events WHERE account_id = ?1 AND kind = ?2 ORDER BY seq",
+            )
+            .expect("prepare");
+        s.query_map(params![id, kind], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    }
+
+    /// Run the daemon in this process, on this environment's clock.
     pub fn start(&self) -> Running {
+        self.start_with(self.config())
+    }
+
+    pub fn start_with(&self, config: Config) -> Running {
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let control = Control {
@@ -188,8 +244,8 @@ impl Env {
             shutdown: shutdown.clone(),
             reload: reload_rx,
             log: None,
+            clock: self.clock.clone(),
         };
-        let config = self.config();
         let task = tokio::spawn(async move { daemon::run(config, control).await });
         Running {
             shutdown,
@@ -237,6 +293,21 @@ impl Env {
             + &profile_toml("factorial", &self.mock.url(), &self.secret_file());
         std::fs::write(&self.config_path, text).expect("config");
     }
+
+    /// The health file, parsed (`Null` when missing or unreadable).
+    pub fn health(&self) -> serde_json::Value {
+        std::fs::read_to_string(&self.health)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Write a file readable by its owner only (as a secret file should be).
+pub fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
 pub struct Running {
@@ -247,12 +318,16 @@ pub struct Running {
 
 impl Running {
     pub async fn stop(self) {
+        let r = self.stop_result().await;
+        r.expect("daemon ran cleanly");
+    }
+
+    pub async fn stop_result(self) -> Result<(), daemon::DaemonError> {
         self.shutdown.cancel();
-        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
+        tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("daemon stops in time")
-            .expect("daemon task");
-        r.expect("daemon ran cleanly");
+            .expect("daemon task")
     }
 }
 
@@ -281,15 +356,15 @@ impl Binary {
 
     /// Wait for the process to exit, up to `limit`; returns its exit code.
     pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = std::time::Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status.code();
             }
-            if tokio::time::Instant::now() > deadline {
+            if std::time::Instant::now() > deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -301,7 +376,8 @@ impl Drop for Binary {
     }
 }
 
-/// Poll `cond` every 50 ms until it holds or `limit` passes; panics with `what` on timeout.
+/// Poll `cond` every 50 ms (of the test's clock: logical under a paused runtime) until it holds
+/// or `limit` passes; panics with `what` on timeout.
 pub async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {

@@ -11,6 +11,7 @@ use tokend_mock::MockConfig;
 
 use crate::helpers::{Env, eventually};
 
+/// A fixed "now" for the pure parser tests (they never read a clock).
 const NOW: i64 = 1_800_000_000;
 
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
@@ -84,12 +85,63 @@ proptest! {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_rows_are_judged_and_never_stop_the_others() {
+/// Bad rows written by other programs are refused at the door (the STRICT table's types and
+/// CHECKs), whatever else is in the table.
+#[tokio::test(start_paused = true)]
+async fn bad_rows_are_refused_at_their_own_insert() {
     let env = Env::new(MockConfig::default(), "").await;
     env.add_user("good", Duration::from_secs(4000));
     let conn = env.conn();
-    let user = |id: &str, expires: rusqlite::types::Value, access: Option<&str>| {
+    let refused = [
+        ("blob scopes", "INSERT INTO accounts (id, token_type, refresh_token, scopes) VALUES ('b1', 'user', 'r', x'00ff')"),
+        ("text failures", "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b2', 'user', 'r', 'x')"),
+        ("blob refresh token", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b3', 'user', x'deadbeef')"),
+        ("text expiry", "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b4', 'user', 'r', 'soon')"),
+        ("unknown token type", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b5', 'robot', 'r')"),
+        ("empty token type", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b6', '', 'r')"),
+        ("empty id", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('', 'user', 'r')"),
+        ("padded id", "INSERT INTO accounts (id, token_type, refresh_token) VALUES (' padded ', 'user', 'r')"),
+        ("unknown state", "INSERT INTO accounts (id, token_type, refresh_token, state) VALUES ('b7', 'user', 'r', 'zombie')"),
+        ("negative failures", "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b8', 'user', 'r', -1)"),
+        ("real expiry", "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b9', 'user', 'r', 1.5)"),
+    ];
+    for (what, sql) in refused {
+        let err = conn.execute(sql, []).expect_err(what);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("constraint") || msg.contains("cannot store") || msg.contains("CHECK"),
+            "{what}: {msg}"
+        );
+    }
+    // And an update that would make a good row bad is refused too.
+    assert!(
+        conn.execute("UPDATE accounts SET scopes = x'00' WHERE id = 'good'", [])
+            .is_err()
+    );
+    let daemon = env.start();
+    eventually(Duration::from_secs(10), "the good account refreshed", || {
+        env.mock.account("good").grants == 1
+    })
+    .await;
+    daemon.stop().await;
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 1, "only the good row got in");
+}
+
+/// Rows that pass the door but make no sense are judged one by one: `invalid` with a reason,
+/// or refreshed at once when only their expiry is odd; the others never notice.
+#[tokio::test(start_paused = true)]
+async fn odd_rows_are_judged_and_never_stop_the_others() {
+    let env = Env::new(MockConfig::default(), "").await;
+    let healthy: Vec<String> = (0..15).map(|i| format!("healthy-{i:02}")).collect();
+    for id in &healthy {
+        env.add_user(id, Duration::from_secs(3590));
+    }
+    let now = env.now();
+    let conn = env.conn();
+    let user = |id: &str, expires: Option<i64>, access: Option<&str>| {
         let t = env.mock.issue_user(id, Duration::from_secs(100));
         conn.execute(
             "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at) VALUES (?1, 'factorial', 'user', ?2, ?3, ?4)",
@@ -97,25 +149,36 @@ async fn garbage_rows_are_judged_and_never_stop_the_others() {
         )
         .expect("insert");
     };
-    use rusqlite::types::Value::{Integer, Text};
-    user("neg-expiry", Integer(-5), None);
-    user("year-9999", Integer(253_402_300_799), None);
-    user("text-expiry", Text("soon".into()), None);
-    user("empty-access", Integer(NOW), Some(""));
-    user("Case", Integer(4_000_000_000), None);
-    user("case", Integer(4_000_000_000), None);
-    for (id, ty) in [
-        ("", "user"),
-        (" padded ", "user"),
-        ("robot", "robot"),
-        ("blank-type", ""),
+    user("neg-expiry", Some(-5), None);
+    user("year-9999", Some(253_402_300_799), None);
+    user("no-expiry", None, None);
+    user("empty-access", Some(now), Some(""));
+    user("Case", Some(now + 10_000_000), None);
+    user("case", Some(now + 10_000_000), None);
+    // Inserted with no schedule at all: evaluated anyway.
+    let t = env.mock.issue_user("null-next", Duration::from_secs(3590));
+    conn.execute(
+        "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at, next_action_at) VALUES ('null-next', 'factorial', 'user', ?1, ?2, ?3, NULL)",
+        params![t.access_token, t.refresh_token, t.expires_at],
+    )
+    .expect("insert");
+    for (id, ty, refresh, profile) in [
+        ("no-refresh", "user", None, Some("factorial")),
+        ("ghost-profile", "user", Some("r"), Some("nosuch")),
     ] {
         conn.execute(
-            "INSERT INTO accounts (id, token_type, access_token, refresh_token, expires_at) VALUES (?1, ?2, 'a', 'r', 1)",
-            params![id, ty],
+            "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at) VALUES (?1, ?2, ?3, 'a', ?4, 1)",
+            params![id, profile, ty, refresh],
         )
         .expect("insert");
     }
+    // Text that is not UTF-8 passes SQLite's type check (CAST of a blob): unreadable as a
+    // token, so the row is isolated, and the 15 rows linked beside it go on.
+    conn.execute(
+        "INSERT INTO accounts (id, profile, token_type, access_token, refresh_token, expires_at) VALUES ('bad-utf8', 'factorial', 'user', 'a', CAST(x'fffe41' AS TEXT), 1)",
+        [],
+    )
+    .expect("insert");
     let company = env.mock.issue_company("company-with-refresh");
     conn.execute(
         "INSERT INTO accounts (id, token_type, access_token, refresh_token) VALUES ('company-with-refresh', 'company', ?1, 'stray-refresh-token')",
@@ -124,6 +187,7 @@ async fn garbage_rows_are_judged_and_never_stop_the_others() {
     .expect("insert");
 
     let daemon = env.start();
+    let odd_refreshed = ["neg-expiry", "year-9999", "no-expiry", "empty-access", "null-next"];
     eventually(Duration::from_secs(15), "every row judged", || {
         env.conn()
             .query_row(
@@ -132,37 +196,26 @@ async fn garbage_rows_are_judged_and_never_stop_the_others() {
                 |r| r.get::<_, i64>(0),
             )
             .is_ok_and(|n| n == 0)
-            && env.mock.account("good").grants == 1
-            && ["neg-expiry", "year-9999", "text-expiry", "empty-access"]
+            && healthy.iter().all(|id| env.mock.account(id).grants == 1)
+            && odd_refreshed
                 .iter()
                 .all(|id| env.mock.account(id).grants == 1)
     })
     .await;
     daemon.stop().await;
-    for id in [
-        "good",
-        "neg-expiry",
-        "year-9999",
-        "text-expiry",
-        "empty-access",
-        "Case",
-        "case",
-        "company-with-refresh",
-    ] {
+    assert_eq!(env.mock.totals().lapses, 0, "the healthy accounts never lapsed");
+    for id in healthy
+        .iter()
+        .map(String::as_str)
+        .chain(odd_refreshed)
+        .chain(["Case", "case", "company-with-refresh"])
+    {
         assert_eq!(env.state(id), "active", "{id}");
     }
-    for id in ["", " padded ", "robot", "blank-type"] {
+    for id in ["no-refresh", "ghost-profile", "bad-utf8"] {
         assert_eq!(env.state(id), "invalid", "{id:?}");
-        let reason: Option<String> = env
-            .conn()
-            .query_row(
-                "SELECT state_reason FROM accounts WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
-            .expect("reason");
         assert!(
-            reason.is_some_and(|r| !r.is_empty()),
+            env.reason(id).is_some_and(|r| !r.is_empty()),
             "{id:?} has no reason"
         );
     }
@@ -176,7 +229,13 @@ async fn garbage_rows_are_judged_and_never_stop_the_others() {
     );
     let (_, _, exp) = env.tokens("year-9999");
     assert!(
-        exp.is_some_and(|e| e < NOW + 86_400 * 400),
+        exp.is_some_and(|e| e < env.now() + 86_400 * 400),
         "year-9999 kept its absurd expiry"
     );
+    // `accounts list` shows them all, the invalid ones with their reason.
+    let out = env.tokend(&["accounts", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("ghost-profile") && text.contains("unknown profile"), "{text}");
+    assert!(env.reason("bad-utf8").is_some_and(|r| r.contains("UTF-8")));
 }

@@ -36,7 +36,7 @@ async fn sigterm_lets_in_flight_refreshes_commit() {
     );
     let mut bin = env.spawn_binary(&[]);
     eventually(Duration::from_secs(10), "refreshes held in flight", || {
-        env.mock.in_flight() >= 5
+        env.mock.in_flight() >= 3
     })
     .await;
     let t0 = std::time::Instant::now();
@@ -48,7 +48,7 @@ async fn sigterm_lets_in_flight_refreshes_commit() {
         bin.stderr()
     );
     let took = t0.elapsed();
-    assert!(env.mock.totals().grants >= 5);
+    assert!(env.mock.totals().grants >= 3);
     for i in 0..10 {
         let id = format!("u{i}");
         if env.mock.account(&id).grants == 0 {
@@ -119,8 +119,10 @@ async fn second_sigterm_exits_at_once_and_the_database_stays_sound() {
     assert_eq!(check, "ok");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_applies_a_new_lead_time_and_a_rotated_secret() {
+/// A reload (what SIGHUP triggers) applies a new lead time and a rotated client secret
+/// without losing a schedule; the clock is driven, so cycles of 10 s tokens take no time.
+#[tokio::test(start_paused = true)]
+async fn a_reload_applies_a_new_lead_time_and_a_rotated_secret() {
     let env = Env::new(
         MockConfig {
             access_ttl: Duration::from_secs(10),
@@ -130,33 +132,34 @@ async fn sighup_applies_a_new_lead_time_and_a_rotated_secret() {
     )
     .await;
     env.add_user("u", Duration::from_secs(100));
-    let mut bin = env.spawn_binary(&[]);
+    let daemon = env.start();
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "two refreshes with the old lead",
         || env.mock.account("u").grants >= 2,
     )
     .await;
     let loaded_before = health_json(&env)["config"]["loaded_at"].as_i64();
 
-    // Lead 7s of a 10s lifetime, and a rotated client secret: the provider accepts both
+    // Lead 5s of a 10s lifetime, and a rotated client secret: the provider accepts both
     // secrets during the rotation, then only the new one.
     env.mock.also_accept_secret("rotated-secret-value");
-    std::fs::write(env.secret_file(), "rotated-secret-value").expect("secret");
-    env.rewrite_config("refresh_lead = \"7s\"\nrefresh_jitter = \"0s\"");
-    bin.signal("HUP");
-    eventually(Duration::from_secs(5), "reload logged", || {
-        bin.stderr().contains("configuration reloaded")
+    crate::helpers::write_private(&env.secret_file(), "rotated-secret-value");
+    env.rewrite_config("refresh_lead = \"5s\"\nrefresh_jitter = \"0s\"");
+    daemon.reload.send(()).await.expect("reload");
+    eventually(Duration::from_secs(5), "reload applied", || {
+        health_json(&env)["config"]["loaded_at"].as_i64() > loaded_before
     })
     .await;
     env.mock.set_client_secret("rotated-secret-value");
     let start = env.mock.account("u").grants;
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(40),
         "three refreshes with the new lead",
         || env.mock.account("u").grants >= start + 3,
     )
     .await;
+    daemon.stop().await;
     let log: Vec<i64> = env
         .mock
         .token_log()
@@ -165,16 +168,37 @@ async fn sighup_applies_a_new_lead_time_and_a_rotated_secret() {
         .map(|l| l.0)
         .collect();
     let gaps: Vec<i64> = log.windows(2).map(|w| w[1] - w[0]).collect();
-    // Old lead: a refresh every ~8s; new lead: every ~3s (after the one scheduled before the reload).
+    // Old lead: a refresh every ~8s; new lead: every ~5s (after the one scheduled before it).
+    assert!(gaps[0] >= 7_000, "gaps between refreshes {gaps:?}");
     let last = gaps[gaps.len() - 1];
-    assert!(last <= 4_500, "gaps between refreshes {gaps:?}");
-    assert!(gaps[0] >= 6_000, "gaps between refreshes {gaps:?}");
-    let h = health_json(&env);
-    assert_eq!(h["config"]["last_reload_ok"], serde_json::Value::Bool(true));
-    assert!(h["config"]["loaded_at"].as_i64() > loaded_before, "{h}");
+    assert!((4_000..=6_500).contains(&last), "gaps between refreshes {gaps:?}");
+    assert_eq!(health_json(&env)["config"]["last_reload_ok"], true);
     assert_eq!(env.state("u"), "active");
+    assert_eq!(
+        env.mock.totals().errors,
+        0,
+        "requests failed around the secret rotation"
+    );
+}
 
-    // A broken file: the old config stays in force, the error is logged and shown in health.
+/// SIGHUP with a broken file: the old config stays in force, the error is logged (as
+/// `check-config` says it) and shown in the health file; the daemon keeps refreshing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_a_broken_file_keeps_the_old_config() {
+    let env = Env::new(
+        MockConfig {
+            access_ttl: Duration::from_secs(6),
+            ..MockConfig::default()
+        },
+        "refresh_lead = \"2s\"\nrefresh_jitter = \"0s\"",
+    )
+    .await;
+    env.add_user("u", Duration::from_secs(100));
+    let mut bin = env.spawn_binary(&[]);
+    eventually(Duration::from_secs(10), "refreshed", || {
+        env.mock.account("u").grants >= 1
+    })
+    .await;
     std::fs::write(&env.config_path, "[daemon\nthis is not toml").expect("write");
     bin.signal("HUP");
     eventually(Duration::from_secs(5), "reload failure logged", || {
@@ -209,11 +233,6 @@ async fn sighup_applies_a_new_lead_time_and_a_rotated_secret() {
     );
     bin.signal("TERM");
     assert_eq!(bin.wait(Duration::from_secs(10)).await, Some(0));
-    assert_eq!(
-        env.mock.totals().errors,
-        0,
-        "requests failed around the secret rotation"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,35 +394,32 @@ fn has_timestamp(line: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
     // Found by the capacity benchmark: with a full notify socket, a blocking send stalled the
-    // runtime and SIGTERM went unanswered. The socket queue holds ~10-512 datagrams; the
-    // heartbeat sends one STATUS= a second.
+    // runtime and SIGTERM went unanswered. The test fills the socket's queue before the daemon
+    // starts, so every notification it sends meets a full queue.
     let env = Env::new(
         MockConfig {
-            access_ttl: Duration::from_secs(6),
+            access_ttl: Duration::from_secs(4),
             ..MockConfig::default()
         },
-        "health_interval = \"1s\"",
+        "health_interval = \"1s\"\nrefresh_lead = \"2s\"\nrefresh_jitter = \"0s\"",
     )
     .await;
-    for i in 0..20 {
-        env.add_user(
-            &format!("u{i}"),
-            Duration::from_millis(fastrand::u64(0..5000)),
-        );
+    for i in 0..5 {
+        env.add_user(&format!("u{i}"), Duration::from_secs(3));
     }
     let sock_path = env.dir.path().join("deaf.sock");
     let _sock = UnixDatagram::bind(&sock_path).expect("bind");
-    let qlen: u64 = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(10);
+    let filler = UnixDatagram::unbound().expect("socket");
+    filler.set_nonblocking(true).expect("nonblocking");
+    let mut queued = 0;
+    while filler.send_to(b"STATUS=filler", &sock_path).is_ok() {
+        queued += 1;
+        assert!(queued < 100_000, "the socket never filled");
+    }
     let mut bin = env.spawn_binary(&[("NOTIFY_SOCKET", sock_path.to_str().expect("path"))]);
-    // Outlast the queue: one STATUS= a second, plus READY=1.
-    let wait = Duration::from_secs(qlen.min(40) + 3);
-    tokio::time::sleep(wait).await;
-    let before = env.mock.totals().grants;
-    eventually(Duration::from_secs(10), "still refreshing", || {
-        env.mock.totals().grants > before
+    // Two rounds of refreshes and several heartbeats, each with a STATUS= the socket refuses.
+    eventually(Duration::from_secs(15), "still refreshing", || {
+        (0..5).all(|i| env.mock.account(&format!("u{i}")).grants >= 2)
     })
     .await;
     bin.signal("TERM");
@@ -413,4 +429,5 @@ async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
         "{}",
         bin.stderr()
     );
+    eprintln!("the notify socket held {queued} datagrams, all from the filler");
 }

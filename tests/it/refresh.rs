@@ -68,25 +68,25 @@ async fn keeps_tokens_alive(rotation: Rotation) {
     let issued: i64 = env
         .conn()
         .query_row(
-            "SELECT COUNT(*) FROM accounts WHERE refresh_issued_at >= strftime('%s','now') - 10",
-            [],
+            "SELECT COUNT(*) FROM accounts WHERE refresh_issued_at >= ?1 - 10",
+            [env.now()],
             |r| r.get(0),
         )
         .expect("count");
     assert_eq!(issued, 20, "refresh_issued_at follows each rotation");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn keeps_tokens_alive_revoke_on_use() {
     keeps_tokens_alive(Rotation::RevokeOnUse).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn keeps_tokens_alive_immediate() {
     keeps_tokens_alive(Rotation::Immediate).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn refresh_happens_inside_the_lead_window() {
     let env = Env::new(
         MockConfig {
@@ -115,7 +115,7 @@ async fn refresh_happens_inside_the_lead_window() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn rows_written_by_other_programs_are_picked_up_within_5s() {
     let env = Env::new(MockConfig::default(), "").await;
     let daemon = env.start();
@@ -134,12 +134,16 @@ async fn rows_written_by_other_programs_are_picked_up_within_5s() {
 
     // A new row whose token has already expired.
     env.add_user("linked-later", Duration::from_secs(4000));
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     eventually(Duration::from_secs(5), "new row refreshed", || {
         env.mock.account("linked-later").grants == 1
     })
     .await;
     let new_row = t0.elapsed();
+    assert!(
+        new_row <= Duration::from_millis(1_600),
+        "a new row waited {new_row:?} (the README promises about a second)"
+    );
 
     // An existing row updated with a grant that is about to expire.
     let t = env.mock.issue_user("early", Duration::from_secs(3597));
@@ -149,18 +153,22 @@ async fn rows_written_by_other_programs_are_picked_up_within_5s() {
             params![t.access_token, t.refresh_token, t.expires_at],
         )
         .expect("update");
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     eventually(Duration::from_secs(5), "updated row refreshed", || {
         env.mock.account("early").grants == 1
     })
     .await;
     let updated_row = t0.elapsed();
+    assert!(
+        updated_row <= Duration::from_millis(1_600),
+        "an updated row waited {updated_row:?}"
+    );
     daemon.stop().await;
     assert_eq!(env.mock.totals().reuse_attempts, 0);
     eprintln!("picked up a new row in {new_row:?}, an updated row in {updated_row:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn two_hundred_due_at_once_respect_the_concurrency_limit() {
     let env = Env::new(MockConfig::default(), "max_concurrent_refreshes = 8").await;
     {
@@ -202,7 +210,7 @@ async fn two_hundred_due_at_once_respect_the_concurrency_limit() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn invalid_grant_needs_reauth_until_a_new_grant_is_written() {
     let env = Env::new(MockConfig::default(), "").await;
     env.add_user("dead", Duration::from_secs(4000));
@@ -225,16 +233,22 @@ async fn invalid_grant_needs_reauth_until_a_new_grant_is_written() {
         requests,
         "a dead grant was retried"
     );
-    let (next, failures): (Option<i64>, i64) = env
+    let (next, failures, last_error): (Option<i64>, i64, Option<String>) = env
         .conn()
         .query_row(
-            "SELECT next_action_at, failures FROM accounts WHERE id='dead'",
+            "SELECT next_action_at, failures, last_error FROM accounts WHERE id='dead'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .expect("row");
-    assert_eq!(next, None);
-    let _ = failures;
+    assert_eq!(next, None, "nothing scheduled for a dead grant");
+    assert_eq!(failures, 0, "a dead grant is not a run of transient failures");
+    assert!(
+        last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("invalid_grant")),
+        "{last_error:?}"
+    );
     let events: i64 = env
         .conn()
         .query_row("SELECT COUNT(*) FROM account_events WHERE account_id='dead' AND to_state='needs_reauth'", [], |r| r.get(0))
@@ -258,7 +272,7 @@ async fn invalid_grant_needs_reauth_until_a_new_grant_is_written() {
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn invalid_client_pauses_the_profile_and_a_fixed_secret_resumes_it() {
     let env = Env::new(MockConfig::default(), "").await;
     for i in 0..5 {
@@ -289,7 +303,7 @@ async fn invalid_client_pauses_the_profile_and_a_fixed_secret_resumes_it() {
     assert_eq!(env.mock.totals().reuse_attempts, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn transient_failures_retry_as_told_and_never_overwrite_a_good_token() {
     let env = Env::new(
         MockConfig::default(),
@@ -298,11 +312,8 @@ async fn transient_failures_retry_as_told_and_never_overwrite_a_good_token() {
     .await;
     env.add_user("u", Duration::from_secs(3597));
     let before = env.tokens("u");
-    let dated = std::time::SystemTime::now() + Duration::from_secs(12);
-    let dated_ms = dated
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("time")
-        .as_millis() as i64;
+    let dated_ms = env.clock.now_ms() + 12_000;
+    let dated = std::time::UNIX_EPOCH + Duration::from_millis(dated_ms as u64);
     env.mock.push_faults(
         Endpoint::Token,
         [
@@ -363,7 +374,7 @@ async fn transient_failures_retry_as_told_and_never_overwrite_a_good_token() {
     assert_eq!(env.mock.totals().reuse_attempts, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_response_without_refresh_token_keeps_the_old_one() {
     let env = Env::new(
         MockConfig {

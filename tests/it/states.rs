@@ -5,27 +5,51 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::params;
-use tokend::engine::{Engine, Runtime, unix_now};
 use tokend::revocation::Checker;
+use tokend::shared::{Runtime, Shared};
 use tokend_mock::{Endpoint, Fault, MockConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Env, eventually};
 
 fn health(env: &Env) -> serde_json::Value {
-    std::fs::read_to_string(&env.health)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(serde_json::Value::Null)
+    env.health()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The revocation checker of a daemon-to-be, without the cron schedule: tests run its job body.
+struct Checking {
+    shared: Arc<Shared>,
+    checker: Arc<Checker>,
+    info: tokend::health::DaemonInfo,
+}
+
+async fn checking(env: &Env) -> Checking {
+    let (store, _) = tokend::store::Store::open(&env.db).expect("store");
+    let rt = Runtime::new(env.config(), env.now()).expect("runtime");
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(rt));
+    let shared = Shared::new(
+        store,
+        env.clock.clone(),
+        rx,
+        tokend::shared::owner_id(),
+        None,
+    );
+    let checker = Checker::new(
+        shared.clone(),
+        CancellationToken::new(),
+        CancellationToken::new(),
+    );
+    let info = tokend::health::DaemonInfo::new(&env.config_path, env.now());
+    Checking {
+        shared,
+        checker,
+        info,
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_revoked_company_token_is_revoked_only_after_a_confirming_probe() {
-    let env = Env::new(
-        MockConfig::default(),
-        "revocation_schedule = \"*/3 * * * * *\"\nlog_level = \"info\"",
-    )
-    .await;
+    let env = Env::new(MockConfig::default(), "").await;
     env.add_company("c-flaky");
     env.add_company("c-revoked");
     env.add_user("u", Duration::ZERO);
@@ -33,8 +57,20 @@ async fn a_revoked_company_token_is_revoked_only_after_a_confirming_probe() {
     // One bad answer for the first probe (c-flaky sorts first), then the truth.
     env.mock
         .push_faults(Endpoint::TokenInfo, [Fault::InvalidToken]);
-    let start = unix_now();
-    let mut bin = env.spawn_binary(&[]);
+    // Linked rows are evaluated first (company rows become active, nothing else).
+    let daemon = env.start();
+    eventually(Duration::from_secs(5), "rows evaluated", || {
+        env.conn()
+            .query_row("SELECT COUNT(*) FROM accounts WHERE next_action_at = 0", [], |r| r.get::<_, i64>(0))
+            .is_ok_and(|n| n == 0)
+    })
+    .await;
+    daemon.stop().await;
+    let c = checking(&env).await;
+    let start = env.now();
+    let first = c.checker.run_once().await.expect("ran");
+    assert_eq!(first.suspect, 2, "{first:?}");
+    assert_eq!(env.state("c-revoked"), "active", "one answer never revokes");
     eventually(
         Duration::from_secs(60),
         "revoked after confirmation",
@@ -51,56 +87,39 @@ async fn a_revoked_company_token_is_revoked_only_after_a_confirming_probe() {
         .expect("event");
     assert!(
         revoked_at - start >= 30,
-        "revoked {}s after start: not confirmed 30s later",
+        "revoked {}s after the first probe: not confirmed 30s later",
         revoked_at - start
     );
-    // c-flaky had one 401 and then 200s: never revoked.
-    eventually(
-        Duration::from_secs(10),
-        "c-flaky re-probed after its scare",
-        || env.mock.account("c-flaky").probes >= 3,
-    )
-    .await;
+    // c-flaky had one 401 and then a 200: never revoked, and the next run finds it active.
+    assert_eq!(env.state("c-flaky"), "active");
+    assert_eq!(env.mock.account("c-flaky").probes, 2, "probed, then confirmed");
+    let again = c.checker.run_once().await.expect("ran");
+    assert_eq!(again.active, 1, "{again:?}");
+    assert_eq!(env.mock.account("c-flaky").probes, 3);
     assert_eq!(env.state("c-flaky"), "active");
     let list = env.tokend(&["accounts", "list", "--state", "revoked"]);
     let out = String::from_utf8_lossy(&list.stdout);
     assert!(
-        out.contains("c-revoked") && !out.contains("c-flaky") && !out.contains("u "),
+        out.contains("c-revoked") && !out.contains("c-flaky") && !out.contains("\nu "),
         "{out}"
     );
-    eventually(
-        Duration::from_secs(5),
-        "health counts the revoked account",
-        || health(&env)["accounts"]["by_state"]["revoked"] == serde_json::json!(1),
-    )
-    .await;
-    bin.signal("TERM");
-    assert_eq!(bin.wait(Duration::from_secs(15)).await, Some(0));
-    let logs = bin.stderr();
-    let errors: Vec<&str> = logs
-        .lines()
-        .filter(|l| l.contains("ERROR") && l.contains("c-revoked"))
-        .collect();
-    assert_eq!(
-        errors.len(),
-        1,
-        "expected one ERROR line for the revocation: {errors:?}"
-    );
-    assert!(errors[0].contains("revoked"));
+    let h = tokend::health::snapshot(&c.shared, &c.info).await;
+    assert_eq!(h.accounts.by_state.get("revoked"), Some(&1), "{h:?}");
     let events: i64 = env
         .conn()
         .query_row("SELECT COUNT(*) FROM account_events WHERE account_id = 'c-flaky' AND to_state = 'revoked'", [], |r| r.get(0))
         .expect("events");
     assert_eq!(events, 0);
+    let revoked_events: i64 = env
+        .conn()
+        .query_row("SELECT COUNT(*) FROM account_events WHERE account_id = 'c-revoked' AND to_state = 'revoked'", [], |r| r.get(0))
+        .expect("events");
+    assert_eq!(revoked_events, 1, "one transition, one event (and one ERROR line)");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn probe_outages_never_revoke() {
-    let env = Env::new(
-        MockConfig::default(),
-        "revocation_schedule = \"*/2 * * * * *\"\nhttp_timeout = \"1s\"",
-    )
-    .await;
+    let env = Env::new(MockConfig::default(), "http_timeout = \"1s\"").await;
     for i in 0..3 {
         env.add_company(&format!("c{i}"));
     }
@@ -127,19 +146,26 @@ async fn probe_outages_never_revoke() {
     );
     env.mock
         .add_random_fault(Endpoint::TokenInfo, 0.1, Fault::Html);
-    let daemon = env.start();
+    let c = checking(&env).await;
+    // A run every two seconds (as a cron would) for a while.
+    for _ in 0..10 {
+        c.checker.run_once().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     eventually(Duration::from_secs(20), "all failing", || {
         env.count_state("failing") == 3
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(env.count_state("revoked"), 0);
     env.mock.clear_faults();
-    eventually(Duration::from_secs(20), "all active again", || {
-        env.count_state("active") == 3
-    })
-    .await;
-    daemon.stop().await;
+    for _ in 0..10 {
+        if env.count_state("active") == 3 {
+            break;
+        }
+        c.checker.run_once().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert_eq!(env.count_state("active"), 3, "all active again");
     let revoked: i64 = env
         .conn()
         .query_row(
@@ -151,7 +177,7 @@ async fn probe_outages_never_revoke() {
     assert_eq!(revoked, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_run_probes_each_company_token_once_and_never_overlaps() {
     let env = Env::new(MockConfig::default(), "probe_interval = \"10ms\"").await;
     for i in 0..10 {
@@ -162,11 +188,8 @@ async fn a_run_probes_each_company_token_once_and_never_overlaps() {
         Endpoint::TokenInfo,
         (0..10).map(|_| Fault::Delay(Duration::from_millis(100))),
     );
-    let store = tokend::store::Store::open(&env.db).expect("store");
-    let (_tx, rx) =
-        tokio::sync::watch::channel(Arc::new(Runtime::new(env.config()).expect("runtime")));
-    let engine = Engine::new(store, rx, "test".into());
-    let checker = Checker::new(engine, CancellationToken::new());
+    let c = checking(&env).await;
+    let checker = c.checker.clone();
     let (a, b) = tokio::join!(checker.run_once(), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         checker.run_once().await
@@ -196,7 +219,7 @@ async fn a_run_probes_each_company_token_once_and_never_overlaps() {
     assert_eq!(env.mock.account("c3").probes, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn states_show_in_health_and_listing_and_the_file_is_never_partial() {
     let env = Env::new(MockConfig::default(), "health_interval = \"60s\"").await;
     // A second profile whose server is gone (failing) and a third with a wrong secret (paused).
@@ -309,7 +332,7 @@ async fn states_show_in_health_and_listing_and_the_file_is_never_partial() {
 
     // A state change reaches the file within about a second of its commit.
     conn.execute(
-        "INSERT INTO accounts (id, token_type) VALUES ('late', 'robot')",
+        "INSERT INTO accounts (id, token_type, access_token) VALUES ('late', 'user', 'a')",
         [],
     )
     .expect("insert");
@@ -346,7 +369,8 @@ async fn states_show_in_health_and_listing_and_the_file_is_never_partial() {
     );
     assert_eq!(env.mock.account("ok").grants, 0, "not due: no request");
     let h = health(&env);
-    assert_eq!(h["status"], "stopping");
+    assert_eq!(h["status"], "stopped", "a clean stop says so");
+    assert!(h["stopped_at"].is_i64(), "{h}");
     assert!(
         !std::fs::read_to_string(&env.health)
             .expect("read")
@@ -354,7 +378,7 @@ async fn states_show_in_health_and_listing_and_the_file_is_never_partial() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn status_exit_codes_follow_the_health_file() {
     let env = Env::new(MockConfig::default(), "health_interval = \"2s\"").await;
     env.add_user("ok", Duration::ZERO);
@@ -402,7 +426,8 @@ async fn status_exit_codes_follow_the_health_file() {
 
     // Stale: the same file, last updated long ago.
     let mut h = health(&env);
-    h["updated_at"] = serde_json::json!(unix_now() - 3600);
+    h["updated_at"] = serde_json::json!(now_s() - 3600);
+    h["stopped_at"] = serde_json::Value::Null;
     h["status"] = serde_json::json!("ok");
     let stale = env.dir.path().join("stale.json");
     std::fs::write(&stale, h.to_string()).expect("write");
@@ -425,8 +450,8 @@ async fn status_exit_codes_follow_the_health_file() {
         .expect("delete");
     env.conn()
         .execute(
-            "UPDATE accounts SET expires_at = strftime('%s','now') + 1 WHERE id = 'ok'",
-            [],
+            "UPDATE accounts SET expires_at = ?1 WHERE id = 'ok'",
+            [env.now() + 1],
         )
         .expect("update");
     let daemon = env.start();
@@ -449,7 +474,7 @@ async fn status_exit_codes_follow_the_health_file() {
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_refresh_token_past_its_lifetime_needs_reauth_without_a_request() {
     let env = Env::new(
         MockConfig::default(),
@@ -461,11 +486,15 @@ async fn a_refresh_token_past_its_lifetime_needs_reauth_without_a_request() {
     env.add_user("fine", Duration::from_secs(4000));
     let conn = env.conn();
     conn.execute(
-        "UPDATE accounts SET refresh_issued_at = strftime('%s','now') - 8*86400 WHERE id = 'old'",
-        [],
+        "UPDATE accounts SET refresh_issued_at = ?1 - 8*86400 WHERE id = 'old'",
+        [env.now()],
     )
     .expect("update");
-    conn.execute("UPDATE accounts SET refresh_issued_at = strftime('%s','now') - 6*86400 - 3600 WHERE id = 'aging'", []).expect("update");
+    conn.execute(
+        "UPDATE accounts SET refresh_issued_at = ?1 - 6*86400 - 3600 WHERE id = 'aging'",
+        [env.now()],
+    )
+    .expect("update");
     let daemon = env.start();
     eventually(Duration::from_secs(10), "needs_reauth", || {
         env.state("old") == "needs_reauth"
@@ -489,4 +518,11 @@ async fn a_refresh_token_past_its_lifetime_needs_reauth_without_a_request() {
         "a request was spent on a dead refresh token"
     );
     assert_eq!(env.mock.totals().token_requests, 1);
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

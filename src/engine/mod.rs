@@ -1,0 +1,893 @@
+//! The refresh engine: sleeps until the next account is due, claims due accounts from the store
+//! (a lease and an in-flight attempt recorded in the row, in one transaction), refreshes them
+//! with an adaptive number in flight per profile, and commits each outcome before anything else
+//! happens with it.
+//!
+//! Three rooms: [`policy`] (pure: what a row and an answer mean), [`pauses`] (profiles paused
+//! for misconfiguration), and this loop. One account's problem never stops the others.
+
+pub mod pauses;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::breaker::Admit;
+use crate::config::{Profile, TokenType};
+use crate::limiter::Signal;
+use crate::provider::RefreshError;
+use crate::shared::{Runtime, Shared, lock};
+use crate::state::State;
+use crate::store::{
+    Account, ClaimGroup, Committed, Decision, Guard, Lease, Outcome, PausedProfile, StoreError,
+};
+use policy::{Admission, Cx};
+
+/// How often the engine asks SQLite whether another program committed (new or relinked rows),
+/// and checks that the database file is still the one it opened.
+pub const CHANGE_POLL: Duration = Duration::from_secs(1);
+/// Most new rows looked at per claim.
+const EVAL_BATCH: usize = 512;
+/// Most due rows of a paused or deferred profile moved out of the way per claim.
+const DEFER_BATCH: usize = 256;
+/// How often the at-risk and lapse sweeps run.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the engine loop ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Asked to stop; every outcome committed or journaled.
+    Stopped,
+    /// The database file was replaced or removed under the daemon.
+    StoreReplaced(StoreError),
+}
+
+/// The result of a refresh asked for on demand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnDemand {
+    /// A request went out (or one already in flight finished); read the row again.
+    Done,
+    /// Not now: paused, the minimum gap, the ceiling, the breaker; try again at this time.
+    NotBefore(i64, String),
+    /// Another process holds the account (its own refresh is in flight).
+    HeldElsewhere,
+    /// No such account.
+    Unknown,
+    /// The account cannot be refreshed (its state or row says why).
+    Refused(String),
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    /// Wakes the loop: a flight finished, a profile resumed, a reload, an on-demand request.
+    wake: Notify,
+    /// Accounts with a token request in flight here, and a signal when it is committed.
+    flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(shared: Arc<Shared>, hard_stop: CancellationToken) -> Arc<Engine> {
+        Arc::new(Engine {
+            shared,
+            wake: Notify::new(),
+            flights: Mutex::new(HashMap::new()),
+            tracker: TaskTracker::new(),
+            hard_stop,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Wake the loop (a reload, a resumed profile, a new row linked through the API).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Before the loop starts: take back pauses recorded by a previous run, and make the
+    /// requests that dead processes on this host left in flight due first (their leases need
+    /// not run out: the process is gone).
+    pub async fn recover(&self) -> Result<(), StoreError> {
+        let s = &self.shared;
+        let rt = s.runtime();
+        let now = s.clock.now();
+        for p in s.store.paused_profiles().await? {
+            let Some(profile) = rt.config.profile(&p.name) else {
+                continue;
+            };
+            s.pauses.restore(
+                &p.name,
+                &p.reason,
+                p.since,
+                &p.fingerprint,
+                &fingerprint(profile),
+                now,
+                pause_initial(&rt),
+            );
+            tracing::warn!(profile = %p.name, reason = %p.reason, since = %crate::clock::rfc3339(p.since),
+                "profile paused by a previous run; it is retried with one request");
+        }
+        for (owner, n) in s.store.in_flight_owners().await? {
+            if owner != s.owner && crate::shared::owner_is_dead(&owner) {
+                let moved = s.store.recover_dead_owner(&owner, now).await?;
+                tracing::warn!(owner = %owner, requests = n, accounts = moved,
+                    "refreshes left in flight by a process that is gone: retrying them first with the stored refresh token");
+            }
+        }
+        let names: Vec<String> = rt.config.profiles.iter().map(|p| p.name.clone()).collect();
+        let n = s.store.reevaluate_orphans(names).await?;
+        if n > 0 {
+            tracing::info!(accounts = n, "re-evaluating accounts whose profile changed");
+        }
+        Ok(())
+    }
+
+    /// The engine loop. Returns once `stop` fires and every in-flight refresh has been
+    /// committed (or journaled when the hard stop comes first).
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Ended {
+        let s = self.shared.clone();
+        let mut runtime = s.runtime_changes();
+        let mut turn = Turn {
+            known_next: None,
+            dirty: true,
+            look_for_new: true,
+            data_version: s.store.data_version().await.ok(),
+            last_poll: Instant::now(),
+            last_renew: Instant::now(),
+            last_sweep: Instant::now() - SWEEP_EVERY,
+        };
+        let ended = loop {
+            s.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
+            if stop.is_cancelled() {
+                break Ended::Stopped;
+            }
+            if let Some(e) = s.fatal() {
+                break Ended::StoreReplaced(e);
+            }
+            let rt = s.runtime();
+            let now = s.clock.now();
+            turn.dirty |= self.retry_paused(&rt, now).await;
+            let may_be_due =
+                turn.dirty || turn.look_for_new || turn.known_next.is_none_or(|t| t <= now);
+            // While refused outcomes wait in memory, start nothing new.
+            let writable = s.stats.uncommitted.load(Ordering::Relaxed) == 0;
+            let mut more = false;
+            if writable && may_be_due {
+                if turn.look_for_new
+                    && let Some(full) = self.evaluate_new(&rt, now).await
+                {
+                    turn.look_for_new = full;
+                    more |= full;
+                }
+                more |= self.claim_due(&rt, now).await;
+            }
+            if !more && (turn.dirty || may_be_due) {
+                turn.known_next = s.store.next_due(groups(&rt)).await.ok().flatten();
+                turn.dirty = false;
+            }
+            if turn.last_sweep.elapsed() >= SWEEP_EVERY {
+                turn.last_sweep = Instant::now();
+                self.sweep(&rt, now).await;
+            }
+
+            // Sleep until the next due time, a finished flight, a change by another program
+            // (polled cheaply), a reload, or shutdown.
+            let now = s.clock.now();
+            let until_due = match turn.known_next {
+                _ if more => Duration::ZERO,
+                // Due but held by a lease (ours in flight, or another instance's).
+                Some(t) if t <= now => Duration::from_millis(250),
+                Some(t) => s.clock.until(t),
+                None => Duration::from_secs(3600),
+            };
+            let poll_in = CHANGE_POLL.saturating_sub(turn.last_poll.elapsed());
+            let sleep = until_due.min(poll_in);
+            let slots_full = s.limits.in_flight() >= rt.config.daemon.max_concurrent_refreshes.get();
+            if !sleep.is_zero() || (more && slots_full) {
+                let sleep = if sleep.is_zero() { poll_in.max(Duration::from_millis(10)) } else { sleep };
+                tokio::select! {
+                    _ = stop.cancelled() => break Ended::Stopped,
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = self.wake.notified() => turn.dirty = true,
+                    _ = runtime.changed() => {
+                        turn.dirty = true;
+                        turn.look_for_new = true;
+                        self.reloaded().await;
+                    }
+                }
+            }
+            if turn.last_poll.elapsed() >= CHANGE_POLL {
+                turn.last_poll = Instant::now();
+                match s.store.data_version().await {
+                    Ok(v) if Some(v) != turn.data_version => {
+                        turn.data_version = Some(v);
+                        turn.look_for_new = true;
+                        turn.dirty = true;
+                        s.stats.generation.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("database changed by another connection");
+                    }
+                    Ok(_) => {}
+                    Err(e @ StoreError::Replaced { .. }) => s.set_fatal(&e),
+                    Err(_) => turn.look_for_new = true,
+                }
+            }
+            let lease = rt.config.daemon.lease.get();
+            if turn.last_renew.elapsed() >= lease / 3 {
+                turn.last_renew = Instant::now();
+                self.renew_leases(&rt).await;
+            }
+        };
+        self.tracker.close();
+        tokio::select! {
+            _ = self.tracker.wait() => {}
+            _ = self.hard_stop.cancelled() => {
+                // Give the commits that were abandoned a moment to journal and report.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+            }
+        }
+        ended
+    }
+
+    /// Look at rows inserted or changed by other programs and schedule them. Returns whether
+    /// more may be waiting, or `None` when the claim failed.
+    async fn evaluate_new(&self, rt: &Arc<Runtime>, now: i64) -> Option<bool> {
+        let s = &self.shared;
+        let admissions = self.paused_set(rt);
+        let config = rt.clone();
+        let decided = s
+            .store
+            .evaluate_new(self.lease(rt, now), EVAL_BATCH, move |a| {
+                let cx = Cx {
+                    config: &config.config,
+                    now,
+                };
+                let admission = admission_of(&config, &admissions, a);
+                policy::schedule(&cx, a, admission)
+            })
+            .await;
+        match decided {
+            Ok(e) => {
+                if !e.changes.is_empty() || !e.problems.is_empty() {
+                    s.state_changed();
+                }
+                log_changes(&e.changes);
+                for p in &e.problems {
+                    tracing::error!(account_id = %p.id, reason = %p.reason, "account state: invalid (unreadable row)");
+                }
+                s.store_writes();
+                Some(e.looked_at == EVAL_BATCH)
+            }
+            Err(e) => {
+                s.claim_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Claim due rows for the free request slots of each profile and refresh them. Returns
+    /// whether more may be due.
+    async fn claim_due(self: &Arc<Self>, rt: &Arc<Runtime>, now: i64) -> bool {
+        let s = &self.shared;
+        let d = &rt.config.daemon;
+        let ceiling = d.max_concurrent_refreshes.get();
+        let mut room = ceiling.saturating_sub(s.limits.in_flight());
+        let mut groups = Vec::new();
+        let mut admissions: HashMap<String, Admission> = HashMap::new();
+        for p in &rt.config.profiles {
+            let admission = self.admission(p, now);
+            let limit = match admission {
+                Admission::Open => {
+                    let n = s.limits.free(&p.name, ceiling).min(room);
+                    room -= n;
+                    n
+                }
+                Admission::Probe => usize::from(room > 0),
+                Admission::Paused | Admission::Defer(_) => DEFER_BATCH,
+            };
+            admissions.insert(p.name.clone(), admission);
+            groups.push(ClaimGroup {
+                profile: Some(p.name.clone()),
+                limit,
+            });
+        }
+        if groups.iter().all(|g| g.limit == 0) {
+            return false;
+        }
+        let config = rt.clone();
+        let decide_admissions = admissions.clone();
+        let claimed = s
+            .store
+            .claim_due(self.lease(rt, now), groups, move |a| {
+                let cx = Cx {
+                    config: &config.config,
+                    now,
+                };
+                let admission = a
+                    .profile
+                    .as_deref()
+                    .and_then(|p| decide_admissions.get(p).copied())
+                    .unwrap_or(Admission::Open);
+                policy::plan(&cx, a, admission)
+            })
+            .await;
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                s.claim_failed(&e);
+                self.unused_probes(&admissions, &[]);
+                return false;
+            }
+        };
+        s.store_writes();
+        if !claimed.changes.is_empty() || !claimed.problems.is_empty() {
+            s.state_changed();
+        }
+        log_changes(&claimed.changes);
+        for p in &claimed.problems {
+            tracing::error!(account_id = %p.id, reason = %p.reason, "account state: invalid (unreadable row)");
+        }
+        self.unused_probes(&admissions, &claimed.requests);
+        for a in claimed.requests {
+            self.spawn_refresh(rt.clone(), a);
+        }
+        claimed.full_groups > 0
+    }
+
+    /// A probe slot granted for a profile that found nothing to send is given back.
+    fn unused_probes(&self, admissions: &HashMap<String, Admission>, sent: &[Account]) {
+        for (p, a) in admissions {
+            if *a == Admission::Probe && !sent.iter().any(|r| r.profile.as_deref() == Some(p)) {
+                if self.shared.pauses.is_paused(p) {
+                    self.shared.pauses.unused_probe(p);
+                } else {
+                    self.shared.breakers.cancel_probe(p);
+                }
+            }
+        }
+    }
+
+    fn lease(&self, rt: &Runtime, now: i64) -> Lease {
+        let d = &rt.config.daemon;
+        Lease {
+            owner: self.shared.owner.clone(),
+            now,
+            until: now + d.lease.as_secs_i64(),
+            grace: d.http_timeout.as_secs_i64() + 1,
+        }
+    }
+
+    fn admission(&self, p: &Profile, now: i64) -> Admission {
+        let s = &self.shared;
+        match s.pauses.admission(&p.name) {
+            Some(true) => return Admission::Probe,
+            Some(false) => return Admission::Paused,
+            None => {}
+        }
+        match s.breakers.admit(&p.name, now) {
+            Admit::Yes => Admission::Open,
+            Admit::Probe => Admission::Probe,
+            Admit::Defer(until) => Admission::Defer(until),
+        }
+    }
+
+    fn paused_set(&self, rt: &Runtime) -> HashMap<String, Admission> {
+        rt.config
+            .profiles
+            .iter()
+            .filter(|p| self.shared.pauses.is_paused(&p.name))
+            .map(|p| (p.name.clone(), Admission::Paused))
+            .collect()
+    }
+
+    fn spawn_refresh(self: &Arc<Self>, rt: Arc<Runtime>, a: Account) {
+        let s = &self.shared;
+        let Some(profile) = rt.config.profile_for(a.profile.as_deref()).cloned() else {
+            return;
+        };
+        let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
+        s.limits.started(&profile.name, ceiling);
+        let (done_tx, done_rx) = watch::channel(false);
+        lock(&self.flights).insert(a.id.clone(), done_rx);
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let id = a.id.clone();
+            me.refresh(&rt, &profile, a).await;
+            lock(&me.flights).remove(&id);
+            let _ = done_tx.send(true);
+            me.wake.notify_one();
+        });
+    }
+
+    /// Make the request for one leased account and commit what it means.
+    async fn refresh(&self, rt: &Runtime, profile: &Profile, a: Account) {
+        let s = &self.shared;
+        let d = &rt.config.daemon;
+        let ceiling = d.max_concurrent_refreshes.get();
+        let Some(presented) = a.refresh_token.clone() else {
+            s.limits
+                .finished(&profile.name, Duration::ZERO, Signal::Nothing, ceiling);
+            return;
+        };
+        let Some(attempt) = a.attempt else {
+            s.limits
+                .finished(&profile.name, Duration::ZERO, Signal::Nothing, ceiling);
+            return;
+        };
+        let started = Instant::now();
+        let result = rt
+            .provider
+            .refresh(profile, &presented, s.clock.now())
+            .await;
+        let took = started.elapsed();
+        let now = s.clock.now();
+        let (outcome_name, signal) = match &result {
+            Ok(_) => ("refreshed", Signal::Answered),
+            Err(RefreshError::InvalidGrant(_)) => ("invalid_grant", Signal::Answered),
+            Err(RefreshError::Misconfigured { .. }) => ("misconfigured", Signal::Nothing),
+            Err(RefreshError::Transient { .. }) => ("transient", Signal::Overloaded),
+        };
+        s.limits.finished(&profile.name, took, signal, ceiling);
+        s.metrics.refresh(&profile.name, outcome_name, took);
+        let cx = Cx {
+            config: &rt.config,
+            now,
+        };
+        let r = policy::refreshed(&cx, profile, &a, &result);
+        let was_paused = a.state == State::Paused;
+        match &result {
+            Ok(_) => {
+                s.stats.refreshes_ok.fetch_add(1, Ordering::Relaxed);
+                self.breaker_record(rt, profile, false, now).await;
+            }
+            Err(RefreshError::InvalidGrant(_)) => {
+                s.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                // The server answered: as far as the breaker is concerned, it works.
+                self.breaker_record(rt, profile, false, now).await;
+                s.record_error("refresh", r.change.last_error.as_deref().unwrap_or_default());
+            }
+            Err(RefreshError::Misconfigured { .. }) => {
+                s.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                let reason = r.change.reason.clone().unwrap_or_default();
+                s.record_error("profile", &reason);
+                self.pause_profile(rt, profile, &reason, now).await;
+            }
+            Err(RefreshError::Transient { reason, .. }) => {
+                s.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
+                s.record_error("refresh", reason);
+                self.breaker_record(rt, profile, true, now).await;
+                if was_paused {
+                    s.pauses.inconclusive(&profile.name);
+                }
+            }
+        }
+        if let Some(problem) = &r.expiry_guessed
+            && s.first_time("expiry", &profile.name)
+        {
+            tracing::warn!(profile = %profile.name, problem = %problem,
+                default_token_lifetime_s = profile.default_token_lifetime.as_secs_i64(),
+                "the token endpoint's expires_in is unusable; assuming the profile's default_token_lifetime (said once per profile)");
+        }
+        if let Some(lifetime) = r.lead_clamped
+            && s.first_time("lead", &profile.name)
+        {
+            tracing::warn!(profile = %profile.name, lifetime_s = lifetime,
+                refresh_lead_s = d.refresh_lead.as_secs_i64(), refresh_jitter_s = d.refresh_jitter.as_secs_i64(),
+                "refresh_lead does not fit this profile's token lifetime: refreshing at half the lifetime instead (said once per profile)");
+        }
+        let rotated = r
+            .tokens
+            .as_ref()
+            .is_some_and(|t| t.refresh_token.is_some());
+        let new_refresh = r.tokens.as_ref().and_then(|t| t.refresh_token.clone());
+        let next = r.change.next_action_at;
+        let guard = if r.tokens.is_some() {
+            Guard::Presented(presented.clone())
+        } else {
+            Guard::Attempt(attempt)
+        };
+        let to = r.change.to;
+        let outcome = Outcome {
+            id: a.id.clone(),
+            guard,
+            tokens: r.tokens,
+            change: r.change,
+            notes: r.notes,
+            now,
+        };
+        let reason = outcome.change.reason.clone();
+        let committed = s.commit(outcome, &self.hard_stop).await;
+        let latency_ms = took.as_millis() as u64;
+        match &committed {
+            Some(Committed::Applied { from, lapse }) => {
+                tracing::info!(account_id = %a.id, profile = %profile.name, outcome = outcome_name,
+                    latency_ms, next_action_at = next.unwrap_or(0), "refresh");
+                if *lapse {
+                    s.stats.lapses.fetch_add(1, Ordering::Relaxed);
+                    s.metrics.lapse(&profile.name, 1);
+                    tracing::error!(account_id = %a.id, profile = %profile.name,
+                        expired_for_s = r.lapsed_by.unwrap_or(0),
+                        "lapse: the access token expired before its refresh was stored");
+                }
+                if *from != to {
+                    log_transition(&a.id, *from, to, reason.as_deref());
+                    s.state_changed();
+                }
+                if result.is_ok() && was_paused && s.pauses.resume(&profile.name) {
+                    self.resume_profile(rt, profile, now).await;
+                }
+                if rotated && profile.revoke_superseded {
+                    self.revoke_later(rt, profile, presented, "superseded");
+                }
+            }
+            Some(Committed::Superseded) | Some(Committed::Gone) => {
+                tracing::warn!(account_id = %a.id, profile = %profile.name, outcome = outcome_name,
+                    "the account changed while its refresh was in flight (relinked, removed, or refreshed by another tokend): its row wins, the pair just received is revoked");
+                if let Some(fresh) = new_refresh {
+                    self.revoke_later(rt, profile, fresh, "unused");
+                }
+            }
+            Some(Committed::Stale) => {
+                tracing::info!(account_id = %a.id, profile = %profile.name, outcome = outcome_name,
+                    "the account was relinked or taken over while its refresh was in flight; its row wins");
+            }
+            None => {}
+        }
+    }
+
+    /// Revoke a refresh token that tokend no longer needs (RFC 7009), in the background. A
+    /// failure is logged and never touches the account.
+    fn revoke_later(
+        &self,
+        rt: &Runtime,
+        profile: &Profile,
+        token: secrecy::SecretString,
+        why: &'static str,
+    ) {
+        let provider = rt.provider.clone();
+        let profile = profile.clone();
+        tokio::spawn(async move {
+            if let Err(e) = provider.revoke(&profile, &token).await {
+                tracing::warn!(profile = %profile.name, error = %e, what = why,
+                    "could not revoke a refresh token tokend no longer holds (the account is unaffected)");
+            }
+        });
+    }
+
+    async fn breaker_record(&self, rt: &Runtime, profile: &Profile, failed: bool, now: i64) {
+        let s = &self.shared;
+        let d = &rt.config.daemon;
+        let initial = d.retry_initial.get().max(Duration::from_secs(5));
+        match s
+            .breakers
+            .record(&profile.name, failed, now, initial, d.retry_max.get())
+        {
+            Some(false) => {
+                tracing::warn!(profile = %profile.name, "most requests to this profile fail: circuit open, probing with one request at a time");
+            }
+            Some(true) => {
+                // Recovered: the accounts left failing are due at once, not at their backoff.
+                let single = rt.config.single_profile().is_some();
+                let woken = s
+                    .store
+                    .wake_failing(&profile.name, single, now)
+                    .await
+                    .unwrap_or(0);
+                tracing::info!(profile = %profile.name, accounts = woken,
+                    "profile answers again: circuit closed, failing accounts retried now");
+                self.wake.notify_one();
+            }
+            None => {}
+        }
+    }
+
+    async fn pause_profile(&self, rt: &Runtime, profile: &Profile, reason: &str, now: i64) {
+        let s = &self.shared;
+        let newly = s.pauses.pause(
+            &profile.name,
+            reason,
+            &fingerprint(profile),
+            now,
+            pause_initial(rt),
+            rt.config.daemon.retry_max.get(),
+        );
+        if newly {
+            tracing::error!(profile = %profile.name, error = %reason,
+                "profile misconfigured: pausing its accounts until it works again (they keep their tokens and are not marked needs_reauth)");
+        }
+        let single = rt.config.single_profile().is_some();
+        let p = PausedProfile {
+            name: profile.name.clone(),
+            reason: reason.to_owned(),
+            since: now,
+            fingerprint: fingerprint(profile),
+        };
+        match s.store.pause_profile(p, single, now).await {
+            Ok(n) if n > 0 => s.state_changed(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(profile = %profile.name, error = %e, "cannot record the pause")
+            }
+        }
+    }
+
+    async fn resume_profile(&self, rt: &Runtime, profile: &Profile, now: i64) {
+        let s = &self.shared;
+        let single = rt.config.single_profile().is_some();
+        match s
+            .store
+            .resume_profile(&profile.name, single, "profile works again", now)
+            .await
+        {
+            Ok(n) => {
+                tracing::info!(profile = %profile.name, accounts = n, "profile works again; its accounts resume");
+                s.state_changed();
+                self.wake.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(profile = %profile.name, error = %e, "cannot resume profile accounts")
+            }
+        }
+    }
+
+    /// When a paused profile's retry time comes, or its settings changed, let one of its user
+    /// accounts try again. Returns whether it changed anything.
+    async fn retry_paused(&self, rt: &Runtime, now: i64) -> bool {
+        let s = &self.shared;
+        let due = s
+            .pauses
+            .due(now, |name| rt.config.profile(name).map(fingerprint));
+        let single = rt.config.single_profile().is_some();
+        for r in &due {
+            match s.store.probe_profile(&r.profile, single, now).await {
+                Ok(true) => {
+                    tracing::info!(profile = %r.profile, settings_changed = r.changed,
+                        "retrying paused profile with one account")
+                }
+                Ok(false) => {
+                    // No user account to probe with: nothing shows the profile is broken.
+                    if s.pauses.resume(&r.profile)
+                        && let Some(p) = rt.config.profile(&r.profile)
+                    {
+                        self.resume_profile(rt, p, now).await;
+                    }
+                }
+                Err(e) => {
+                    s.pauses.unused_probe(&r.profile);
+                    tracing::error!(profile = %r.profile, error = %e, "cannot retry paused profile");
+                }
+            }
+        }
+        !due.is_empty()
+    }
+
+    /// A new configuration: rows of profiles that are gone are looked at again.
+    async fn reloaded(&self) {
+        let rt = self.shared.runtime();
+        let names: Vec<String> = rt.config.profiles.iter().map(|p| p.name.clone()).collect();
+        match self.shared.store.reevaluate_orphans(names).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(accounts = n, "re-evaluating accounts whose profile changed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot re-evaluate accounts after a reload"),
+        }
+    }
+
+    async fn renew_leases(&self, rt: &Runtime) {
+        let ids: Vec<String> = lock(&self.flights).keys().cloned().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let until = self.shared.clock.now() + rt.config.daemon.lease.as_secs_i64();
+        if let Err(e) = self
+            .shared
+            .store
+            .renew_leases(&self.shared.owner, ids, until)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot renew the leases of refreshes in flight");
+        }
+    }
+
+    /// Record events for refresh tokens newly at risk and tokens that lapsed.
+    async fn sweep(&self, rt: &Runtime, now: i64) {
+        let s = &self.shared;
+        let d = &rt.config.daemon;
+        let before = now - (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64;
+        match s.store.sweep(before, now).await {
+            Ok(found) => {
+                for (id, profile) in &found.at_risk {
+                    tracing::warn!(account_id = %id, profile = profile.as_deref().unwrap_or(""),
+                        "refresh token nears the end of its lifetime; the account will need reauthorisation unless it refreshes");
+                }
+                for (id, profile) in &found.lapsed {
+                    let p = profile.clone().unwrap_or_default();
+                    s.metrics.lapse(&p, 1);
+                    s.stats.lapses.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(account_id = %id, profile = %p,
+                        "lapse: the access token of an account tokend keeps alive has expired and no refresh is stored yet");
+                }
+                if !found.at_risk.is_empty() || !found.lapsed.is_empty() {
+                    s.state_changed();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "sweep skipped"),
+        }
+    }
+
+    /// Refresh `id` now if policy allows, as one flight with any refresh of it already under
+    /// way here; returns once the outcome is committed (or why not).
+    pub async fn refresh_now(self: &Arc<Self>, id: &str) -> OnDemand {
+        let s = &self.shared;
+        // Already in flight here: wait for that one.
+        let existing = lock(&self.flights).get(id).cloned();
+        if let Some(mut rx) = existing {
+            let _ = rx.wait_for(|done| *done).await;
+            return OnDemand::Done;
+        }
+        let rt = s.runtime();
+        let now = s.clock.now();
+        let admission_for = |a: &Account| -> Admission {
+            match a.profile.as_deref().and_then(|p| rt.config.profile(p)) {
+                Some(p) if s.pauses.is_paused(&p.name) => Admission::Paused,
+                _ => Admission::Open,
+            }
+        };
+        // Peek first (read-only): most refusals need no write.
+        let account = match s.store.get(id).await {
+            Ok(Some(Ok(a))) => a,
+            Ok(Some(Err(p))) => return OnDemand::Refused(p.reason),
+            Ok(None) => return OnDemand::Unknown,
+            Err(e) => return OnDemand::Refused(e.to_string()),
+        };
+        if account.token_type == TokenType::Company {
+            return OnDemand::Refused("company tokens are not refreshed".into());
+        }
+        let cx = Cx {
+            config: &rt.config,
+            now,
+        };
+        let admission = admission_for(&account);
+        if admission == Admission::Paused {
+            return OnDemand::NotBefore(now + 60, "its profile is paused".into());
+        }
+        if let Some(p) = account.profile.as_deref()
+            && let Admit::Defer(until) = s.breakers.peek(p, now)
+        {
+            return OnDemand::NotBefore(until, "most requests to its profile fail (circuit open)".into());
+        }
+        let config = rt.clone();
+        let claimed = s
+            .store
+            .claim_one(id, self.lease(&rt, now), move |a| {
+                let cx = Cx {
+                    config: &config.config,
+                    now,
+                };
+                policy::plan(&cx, a, Admission::Open)
+            })
+            .await;
+        let _ = cx;
+        match claimed {
+            Ok(None) => OnDemand::Unknown,
+            Ok(Some((a, Decision::Request))) => {
+                // Raced with the loop? It would have registered a flight; ours is the claim.
+                let mut rx = {
+                    self.spawn_refresh(rt.clone(), a);
+                    lock(&self.flights).get(id).cloned()
+                };
+                if let Some(rx) = rx.as_mut() {
+                    let _ = rx.wait_for(|done| *done).await;
+                }
+                OnDemand::Done
+            }
+            Ok(Some((_, Decision::Keep))) => OnDemand::HeldElsewhere,
+            Ok(Some((_, Decision::Write(ch)))) => {
+                s.state_changed();
+                match ch.next_action_at {
+                    Some(t) if ch.to.is_schedulable() => OnDemand::NotBefore(
+                        t,
+                        ch.last_error
+                            .unwrap_or_else(|| "too soon after the last refresh (minimum gap)".into()),
+                    ),
+                    _ => OnDemand::Refused(ch.reason.unwrap_or_else(|| ch.to.to_string())),
+                }
+            }
+            Ok(Some((_, Decision::Probe))) => OnDemand::Refused("not a user account".into()),
+            Err(e) => OnDemand::Refused(e.to_string()),
+        }
+    }
+}
+
+/// What the loop remembers between turns.
+struct Turn {
+    /// The earliest scheduled action we know of.
+    known_next: Option<i64>,
+    /// Whether `known_next` may be stale.
+    dirty: bool,
+    /// Whether new or relinked rows may be waiting (another connection committed).
+    look_for_new: bool,
+    data_version: Option<i64>,
+    last_poll: Instant,
+    last_renew: Instant,
+    last_sweep: Instant,
+}
+
+/// The claim groups of a configuration: one per profile.
+fn groups(rt: &Runtime) -> Vec<Option<String>> {
+    rt.config
+        .profiles
+        .iter()
+        .map(|p| Some(p.name.clone()))
+        .collect()
+}
+
+fn admission_of(
+    rt: &Runtime,
+    paused: &HashMap<String, Admission>,
+    a: &Account,
+) -> Admission {
+    rt.config
+        .profile_for(a.profile.as_deref())
+        .and_then(|p| paused.get(&p.name).copied())
+        .unwrap_or(Admission::Open)
+}
+
+fn pause_initial(rt: &Runtime) -> Duration {
+    rt.config.daemon.retry_initial.get().max(Duration::from_secs(30))
+}
+
+/// A fingerprint of everything about a profile that affects its requests, so a reload (or a
+/// restart) can tell whether a paused profile changed, without keeping its secret in the clear.
+pub fn fingerprint(p: &Profile) -> String {
+    use secrecy::ExposeSecret;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [
+        p.base_url.as_str(),
+        p.client_id.as_str(),
+        p.client_secret.expose_secret(),
+        &p.scopes.join(" "),
+    ] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part.as_bytes());
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn log_changes(changes: &[(String, State, State, Option<String>)]) {
+    for (id, from, to, reason) in changes {
+        log_transition(id, *from, *to, reason.as_deref());
+    }
+}
+
+/// One line per state change: INFO for recovery, WARN for failing/paused, ERROR for the states
+/// only a person can fix.
+pub fn log_transition(id: &str, from: State, to: State, reason: Option<&str>) {
+    let reason = reason.unwrap_or("");
+    let state = to;
+    let (from, to) = (from.as_str(), to.as_str());
+    match state {
+        State::Active => tracing::info!(account_id = %id, from, to, reason, "account state"),
+        State::Failing | State::Paused => {
+            tracing::warn!(account_id = %id, from, to, reason, "account state")
+        }
+        State::NeedsReauth | State::Revoked | State::Invalid => {
+            tracing::error!(account_id = %id, from, to, reason, "account state")
+        }
+    }
+}

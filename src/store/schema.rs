@@ -1,0 +1,474 @@
+//! Opening the database file and migrating its schema.
+//!
+//! Migrations are numbered by `PRAGMA user_version`; each runs in its own transaction and a
+//! database newer than this binary is refused. The file is created private (0600), and SQLite
+//! gives its `-wal` and `-shm` files the database file's mode.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, OpenFlags, Transaction};
+
+use super::{BUSY_TIMEOUT, StoreError};
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+fn open_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError::Open {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Create the database file 0600 if it does not exist; warn when an existing one (or its WAL)
+/// is readable by others: it holds every refresh token.
+pub(super) fn prepare_file(path: &Path) -> Result<Vec<String>, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut warnings = Vec::new();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            for suffix in ["", "-wal", "-shm"] {
+                let p = format!("{}{suffix}", path.display());
+                if let Ok(m) = std::fs::metadata(&p) {
+                    let mode = m.permissions().mode() & 0o777;
+                    if mode & 0o077 != 0 {
+                        warnings.push(format!(
+                            "{p} is readable or writable by others (mode {mode:04o}); it holds refresh tokens: chmod 600 {p}"
+                        ));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            return Err(StoreError::Open {
+                path: path.to_owned(),
+                message: e.to_string(),
+            });
+        }
+    }
+    Ok(warnings)
+}
+
+pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let err = open_err(path);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(&err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+    // WAL lets other programs read (and link accounts) while tokend writes; FULL makes every
+    // commit durable before tokend acts on the token it holds.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(&err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&err)?;
+    Ok(conn)
+}
+
+pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err(path))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(path))?;
+    Ok(conn)
+}
+
+fn version(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(open_err(path))
+}
+
+pub(super) fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let found = version(conn, path)?;
+    match found.cmp(&SCHEMA_VERSION) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+        }),
+        std::cmp::Ordering::Less => Err(StoreError::TooOld {
+            path: path.to_owned(),
+            found,
+        }),
+    }
+}
+
+type Migration = fn(&Transaction<'_>) -> Result<(), String>;
+
+const MIGRATIONS: &[Migration] = &[v1, v2];
+
+pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let current = version(conn, path)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: current,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current.max(0) as usize) {
+        let version = i as i64 + 1;
+        let err = |message: String| StoreError::Migrate { version, message };
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| err(e.to_string()))?;
+        step(&tx).map_err(err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(|e| err(e.to_string()))?;
+        tx.commit().map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// 1: accounts, their events, and the triggers that notice rows (re)linked by other programs.
+fn v1(tx: &Transaction<'_>) -> Result<(), String> {
+    tx.execute_batch(
+        r#"
+    CREATE TABLE accounts (
+        id                TEXT PRIMARY KEY NOT NULL,
+        profile           TEXT,
+        token_type        TEXT NOT NULL DEFAULT 'user',
+        access_token      TEXT,
+        refresh_token     TEXT,
+        expires_at        INTEGER,
+        refresh_issued_at INTEGER,
+        scopes            TEXT,
+        state             TEXT NOT NULL DEFAULT 'active',
+        state_reason      TEXT,
+        next_action_at    INTEGER DEFAULT 0,
+        failures          INTEGER NOT NULL DEFAULT 0,
+        last_error        TEXT,
+        last_error_at     INTEGER,
+        last_refresh_at   INTEGER,
+        last_checked_at   INTEGER,
+        revision          INTEGER NOT NULL DEFAULT 0,
+        lease_owner       TEXT,
+        lease_until       INTEGER,
+        created_at        INTEGER NOT NULL DEFAULT (unixepoch()),
+        updated_at        INTEGER NOT NULL DEFAULT (unixepoch())
+    );
+    CREATE INDEX accounts_due ON accounts (next_action_at) WHERE next_action_at IS NOT NULL;
+    CREATE INDEX accounts_state ON accounts (state, token_type, profile);
+    CREATE INDEX accounts_state_since ON accounts (state, state_since);
+    CREATE INDEX accounts_refresh_age ON accounts (refresh_issued_at) WHERE token_type = 'user';
+    CREATE TABLE account_events (
+        seq        INTEGER PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        from_state TEXT,
+        to_state   TEXT NOT NULL,
+        reason     TEXT,
+        at         INTEGER NOT NULL
+    );
+    CREATE INDEX account_events_account ON account_events (account_id, seq);
+    CREATE TRIGGER accounts_linked AFTER INSERT ON accounts
+    WHEN NEW.refresh_issued_at IS NULL AND NEW.refresh_token IS NOT NULL
+    BEGIN
+        UPDATE accounts SET refresh_issued_at = unixepoch() WHERE id = NEW.id;
+    END;
+    CREATE TRIGGER accounts_relinked
+    AFTER UPDATE OF access_token, refresh_token, expires_at, token_type, profile ON accounts
+    WHEN NEW.revision = OLD.revision
+    BEGIN
+        UPDATE accounts SET
+            revision = revision + 1,
+            next_action_at = 0,
+            failures = 0,
+            lease_owner = NULL,
+            lease_until = NULL,
+            refresh_issued_at = CASE
+                WHEN NEW.refresh_token IS NOT OLD.refresh_token
+                     AND NEW.refresh_issued_at IS OLD.refresh_issued_at THEN unixepoch()
+                ELSE NEW.refresh_issued_at END,
+            updated_at = unixepoch()
+        WHERE id = NEW.id;
+    END;
+    "#,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The v2 accounts table: STRICT, with CHECKs, so another program's bad write fails at its own
+/// INSERT; attempt columns (a request in flight), the hourly request window; every inserted
+/// row is evaluated; events carry a kind and a profile; pauses and the store id are recorded.
+const V2_TABLES: &str = r#"
+    CREATE TABLE accounts_v2 (
+        id                TEXT PRIMARY KEY NOT NULL CHECK (length(id) > 0 AND id = trim(id)),
+        profile           TEXT,
+        token_type        TEXT NOT NULL DEFAULT 'user' CHECK (token_type IN ('user', 'company')),
+        access_token      TEXT,
+        refresh_token     TEXT,
+        expires_at        INTEGER,
+        refresh_issued_at INTEGER,
+        scopes            TEXT,
+        state             TEXT NOT NULL DEFAULT 'active' CHECK (state IN
+                              ('active', 'failing', 'needs_reauth', 'revoked', 'paused', 'invalid')),
+        state_reason      TEXT,
+        state_since       INTEGER,
+        next_action_at    INTEGER DEFAULT 0,
+        failures          INTEGER NOT NULL DEFAULT 0 CHECK (failures >= 0),
+        last_error        TEXT,
+        last_error_at     INTEGER,
+        last_refresh_at   INTEGER,
+        last_checked_at   INTEGER,
+        revision          INTEGER NOT NULL DEFAULT 0,
+        lease_owner       TEXT,
+        lease_until       INTEGER,
+        attempt_id        INTEGER,
+        attempt_at        INTEGER,
+        window_start      INTEGER,
+        window_requests   INTEGER NOT NULL DEFAULT 0 CHECK (window_requests >= 0),
+        created_at        INTEGER NOT NULL DEFAULT (unixepoch()),
+        updated_at        INTEGER NOT NULL DEFAULT (unixepoch())
+    ) STRICT;
+"#;
+
+const V2_AFTER: &str = r#"
+    CREATE INDEX accounts_due ON accounts (profile, next_action_at) WHERE next_action_at > 0;
+    CREATE INDEX accounts_fresh ON accounts (next_action_at) WHERE next_action_at = 0;
+    CREATE INDEX accounts_state ON accounts (state, token_type, profile);
+    CREATE INDEX accounts_state_since ON accounts (state, state_since);
+    CREATE INDEX accounts_refresh_age ON accounts (refresh_issued_at)
+        WHERE token_type = 'user' AND state IN ('active', 'failing');
+    CREATE INDEX accounts_expiry ON accounts (profile, expires_at)
+        WHERE token_type = 'user' AND state IN ('active', 'failing');
+    CREATE INDEX accounts_in_flight ON accounts (lease_owner) WHERE attempt_id IS NOT NULL;
+
+    CREATE TABLE account_events_v2 (
+        seq        INTEGER PRIMARY KEY,
+        kind       TEXT NOT NULL DEFAULT 'state',
+        account_id TEXT,
+        profile    TEXT,
+        from_state TEXT,
+        to_state   TEXT,
+        reason     TEXT,
+        at         INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO account_events_v2 (seq, kind, account_id, from_state, to_state, reason, at)
+        SELECT seq, 'state', CAST(account_id AS TEXT), CAST(from_state AS TEXT),
+               CAST(to_state AS TEXT), CAST(reason AS TEXT), CAST(at AS INTEGER)
+        FROM account_events;
+    DROP TABLE account_events;
+    ALTER TABLE account_events_v2 RENAME TO account_events;
+    CREATE INDEX account_events_account ON account_events (account_id, seq);
+    CREATE INDEX account_events_at ON account_events (at);
+
+    CREATE TABLE profiles (
+        name          TEXT PRIMARY KEY NOT NULL,
+        paused_reason TEXT NOT NULL,
+        paused_at     INTEGER NOT NULL,
+        fingerprint   TEXT NOT NULL
+    ) STRICT;
+
+    CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL) STRICT;
+    INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(8))));
+
+    -- Every inserted row is evaluated at once, whatever next_action_at it was given.
+    CREATE TRIGGER accounts_linked AFTER INSERT ON accounts
+    BEGIN
+        UPDATE accounts SET
+            next_action_at = 0,
+            refresh_issued_at = COALESCE(NEW.refresh_issued_at,
+                CASE WHEN NEW.refresh_token IS NOT NULL THEN unixepoch() END),
+            lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
+            revision = NEW.revision + 1
+        WHERE rowid = NEW.rowid;
+    END;
+    -- A new grant written by another program (tokend's own writes bump revision): evaluate it
+    -- at once, and drop any claim on the old grant.
+    CREATE TRIGGER accounts_relinked
+    AFTER UPDATE OF access_token, refresh_token, expires_at, token_type, profile ON accounts
+    WHEN NEW.revision = OLD.revision
+    BEGIN
+        UPDATE accounts SET
+            revision = revision + 1,
+            next_action_at = 0,
+            failures = 0,
+            lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
+            refresh_issued_at = CASE
+                WHEN NEW.refresh_token IS NOT OLD.refresh_token
+                     AND NEW.refresh_issued_at IS OLD.refresh_issued_at THEN unixepoch()
+                ELSE NEW.refresh_issued_at END,
+            updated_at = unixepoch()
+        WHERE rowid = NEW.rowid;
+    END;
+    -- Another program changed the state or the schedule: evaluate the row again.
+    CREATE TRIGGER accounts_touched
+    AFTER UPDATE OF state, next_action_at, failures ON accounts
+    WHEN NEW.revision = OLD.revision
+    BEGIN
+        UPDATE accounts SET revision = revision + 1, next_action_at = 0, updated_at = unixepoch()
+        WHERE rowid = NEW.rowid;
+    END;
+"#;
+
+const TEXT_COLUMNS: &[&str] = &[
+    "profile",
+    "access_token",
+    "refresh_token",
+    "scopes",
+    "state_reason",
+    "last_error",
+    "lease_owner",
+];
+const INT_COLUMNS: &[&str] = &[
+    "expires_at",
+    "refresh_issued_at",
+    "next_action_at",
+    "failures",
+    "last_error_at",
+    "last_refresh_at",
+    "last_checked_at",
+    "revision",
+    "lease_until",
+    "created_at",
+    "updated_at",
+];
+
+/// Whether a v1 cell can go into a STRICT INTEGER column: `Some(value)` if so.
+fn as_integer(v: ValueRef<'_>) -> Result<Option<i64>, String> {
+    match v {
+        ValueRef::Null => Ok(None),
+        ValueRef::Integer(n) => Ok(Some(n)),
+        ValueRef::Real(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9e18 => {
+            Ok(Some(f as i64))
+        }
+        ValueRef::Text(t) => std::str::from_utf8(t)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map(Some)
+            .ok_or_else(|| format!("text {:?}", String::from_utf8_lossy(t))),
+        ValueRef::Real(f) => Err(format!("the real number {f}")),
+        ValueRef::Blob(b) => Err(format!("a {}-byte blob", b.len())),
+    }
+}
+
+fn v2(tx: &Transaction<'_>) -> Result<(), String> {
+    let sql = |e: rusqlite::Error| e.to_string();
+    // Check every row before moving it, so the refusal names them all (up to a point).
+    let mut problems: Vec<String> = Vec::new();
+    {
+        let cols = std::iter::once("id")
+            .chain(std::iter::once("token_type"))
+            .chain(std::iter::once("state"))
+            .chain(TEXT_COLUMNS.iter().copied())
+            .chain(INT_COLUMNS.iter().copied())
+            .collect::<Vec<_>>();
+        let mut stmt = tx
+            .prepare(&format!("SELECT {} FROM accounts", cols.join(", ")))
+            .map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while let Some(r) = rows.next().map_err(sql)? {
+            let cell = |i: usize| r.get_ref(i).unwrap_or(ValueRef::Null);
+            let id = match cell(0) {
+                ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned(),
+                other => format!("{other:?}"),
+            };
+            let mut bad = Vec::new();
+            if id.is_empty() || id.trim() != id {
+                bad.push("id is empty or has leading/trailing whitespace".to_owned());
+            }
+            match cell(1) {
+                ValueRef::Text(b"user" | b"company") => {}
+                other => bad.push(format!(
+                    "token_type is {} (not \"user\" or \"company\")",
+                    describe(other)
+                )),
+            }
+            match cell(2) {
+                ValueRef::Text(t)
+                    if crate::state::State::parse(&String::from_utf8_lossy(t)).is_some() => {}
+                other => bad.push(format!("state is {} (not a tokend state)", describe(other))),
+            }
+            for (k, name) in TEXT_COLUMNS.iter().enumerate() {
+                match cell(3 + k) {
+                    ValueRef::Null => {}
+                    ValueRef::Text(t) if std::str::from_utf8(t).is_ok() => {}
+                    other => bad.push(format!("{name} holds {}", describe(other))),
+                }
+            }
+            for (k, name) in INT_COLUMNS.iter().enumerate() {
+                match as_integer(cell(3 + TEXT_COLUMNS.len() + k)) {
+                    Ok(Some(n)) if *name == "failures" && n < 0 => {
+                        bad.push(format!("failures is {n}"))
+                    }
+                    Ok(_) => {}
+                    Err(what) => bad.push(format!("{name} holds {what}, not a whole number")),
+                }
+            }
+            if !bad.is_empty() && problems.len() < 20 {
+                problems.push(format!("account {id:?}: {}", bad.join("; ")));
+            } else if !bad.is_empty() {
+                problems.push(String::new());
+            }
+        }
+    }
+    if !problems.is_empty() {
+        let n = problems.len();
+        let listed: Vec<String> = problems.into_iter().filter(|p| !p.is_empty()).collect();
+        return Err(format!(
+            "{n} account rows cannot be carried into the checked v2 table, and nothing was changed:\n  {}\nfix or delete these rows (sqlite3 on the database, as the service user), then start tokend again",
+            listed.join("\n  ")
+        ));
+    }
+    tx.execute_batch(V2_TABLES).map_err(sql)?;
+    let int = |c: &str| {
+        format!("CASE WHEN typeof({c}) IN ('text', 'real') THEN CAST(trim({c}) AS INTEGER) ELSE {c} END")
+    };
+    let copy = format!(
+        "INSERT INTO accounts_v2 (id, profile, token_type, access_token, refresh_token, expires_at,
+            refresh_issued_at, scopes, state, state_reason, next_action_at, failures, last_error,
+            last_error_at, last_refresh_at, last_checked_at, revision, lease_owner, lease_until,
+            created_at, updated_at)
+         SELECT id, profile, token_type, access_token, refresh_token, {}, {}, scopes, state,
+            state_reason,
+            CASE WHEN next_action_at IS NULL AND state IN ('active', 'failing') THEN 0 ELSE {} END,
+            {}, last_error, {}, {}, {}, {}, {}, lease_owner, {}, {}
+         FROM accounts",
+        int("expires_at"),
+        int("refresh_issued_at"),
+        int("next_action_at"),
+        int("failures"),
+        int("last_error_at"),
+        int("last_refresh_at"),
+        int("last_checked_at"),
+        int("revision"),
+        int("lease_until"),
+        int("created_at"),
+        int("updated_at"),
+    );
+    tx.execute_batch(&format!(
+        "DROP TRIGGER IF EXISTS accounts_linked;
+         DROP TRIGGER IF EXISTS accounts_relinked;
+         {copy};
+         DROP TABLE accounts;
+         ALTER TABLE accounts_v2 RENAME TO accounts;"
+    ))
+    .map_err(sql)?;
+    tx.execute_batch(V2_AFTER).map_err(sql)?;
+    Ok(())
+}
+
+fn describe(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Integer(n) => format!("the integer {n}"),
+        ValueRef::Real(f) => format!("the real number {f}"),
+        ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
+        ValueRef::Blob(b) => format!("a {}-byte blob", b.len()),
+    }
+}
+
+/// The busy timeout, for callers that open their own connection (tests do).
+pub fn busy_timeout() -> Duration {
+    BUSY_TIMEOUT
+}
