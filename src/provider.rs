@@ -3,6 +3,9 @@
 //! Every answer is classified: a usable grant, a dead grant, the profile's fault, or a transient
 //! failure (with the server's `Retry-After` when it gave one). Bodies are size-limited and never
 //! trusted: a 200 that does not carry a usable token is transient, never stored.
+//!
+//! Redirects are never followed: every request carries a secret (a token, the client secret), and
+//! a redirect would hand it to whatever host the `Location` names. A 3xx is the profile's fault.
 
 use std::time::{Duration, SystemTime};
 
@@ -72,6 +75,7 @@ impl Provider {
             .timeout(daemon.http_timeout.get())
             .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(daemon.max_concurrent_refreshes.get())
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Provider {
             http,
@@ -93,23 +97,17 @@ impl Provider {
             ("client_id", profile.client_id.as_str()),
             ("client_secret", profile.client_secret.expose_secret()),
         ];
-        let response = self
-            .http
-            .post(url)
-            .form(&form)
-            .send()
-            .await
-            .map_err(|e| transient(describe_reqwest(&e), None))?;
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = read_limited(response, self.max_body)
-            .await
-            .map_err(|reason| transient(reason, retry_after))?;
-        classify_refresh(status, &body, retry_after, now)
+        match self.exchange(self.http.post(url).form(&form)).await {
+            Ok(a) => classify_refresh(a.status, &a.body, a.retry_after, now),
+            Err(Failed::Redirect { status, target }) => Err(RefreshError::Misconfigured {
+                code: format!("http {status}"),
+                description: refused(&target, TOKEN_ENDPOINT),
+            }),
+            Err(Failed::Transport {
+                reason,
+                retry_after,
+            }) => Err(transient(reason, retry_after)),
+        }
     }
 
     /// Ask the provider whether a company token still works, as the profile's probe says.
@@ -132,31 +130,136 @@ impl Provider {
                     ("client_secret", profile.client_secret.expose_secret()),
                 ]),
         };
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return ProbeOutcome::Transient {
-                    reason: describe_reqwest(&e),
-                    retry_after: None,
-                };
-            }
-        };
+        match self.exchange(request).await {
+            Ok(a) => classify_probe(profile.probe, a.status, &a.body, a.retry_after),
+            Err(Failed::Redirect { status, target }) => ProbeOutcome::Misconfigured(format!(
+                "http {status}: {}",
+                refused(&target, probe_endpoint(profile.probe))
+            )),
+            Err(Failed::Transport {
+                reason,
+                retry_after,
+            }) => ProbeOutcome::Transient {
+                reason,
+                retry_after,
+            },
+        }
+    }
+
+    /// Send a request and read its answer, bounded. A redirect is returned unread, with where it
+    /// points (see [`redirect_target`]).
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Failed> {
+        let response = request.send().await.map_err(|e| Failed::Transport {
+            reason: describe_reqwest(&e),
+            retry_after: None,
+        })?;
         let status = response.status().as_u16();
+        if response.status().is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|v| v.to_str().ok());
+            return Err(Failed::Redirect {
+                status,
+                target: redirect_target(response.url(), location),
+            });
+        }
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = match read_limited(response, self.max_body).await {
-            Ok(b) => b,
-            Err(reason) => {
-                return ProbeOutcome::Transient {
-                    reason,
-                    retry_after,
-                };
-            }
-        };
-        classify_probe(profile.probe, status, &body, retry_after)
+        let body = read_limited(response, self.max_body)
+            .await
+            .map_err(|reason| Failed::Transport {
+                reason,
+                retry_after,
+            })?;
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+}
+
+/// A non-redirect answer, its body read within the size limit.
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+}
+
+enum Failed {
+    /// A 3xx, refused; `target` is what [`redirect_target`] may show of its `Location`.
+    Redirect { status: u16, target: String },
+    /// No answer, or one whose body could not be read.
+    Transport {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Who refuses a redirect, and which setting the operator should fix.
+#[derive(Clone, Copy)]
+struct Endpoint {
+    what: &'static str,
+    setting: &'static str,
+}
+
+const TOKEN_ENDPOINT: Endpoint = Endpoint {
+    what: "a token endpoint",
+    setting: "base_url",
+};
+
+fn probe_endpoint(kind: ProbeKind) -> Endpoint {
+    match kind {
+        ProbeKind::Url => Endpoint {
+            what: "a probe",
+            setting: "probe_url",
+        },
+        ProbeKind::TokenInfo | ProbeKind::Introspect => Endpoint {
+            what: "a probe",
+            setting: "base_url",
+        },
+    }
+}
+
+/// "redirect to evil.example refused: tokend never follows redirects from a token endpoint; fix
+/// base_url".
+fn refused(target: &str, e: Endpoint) -> String {
+    format!(
+        "{target} refused: tokend never follows redirects from {}; fix {}",
+        e.what, e.setting
+    )
+}
+
+/// What may be shown of a redirect's `Location` (`None`: no header; `Some(None)`: not text):
+/// its host, a port that is not the scheme's default, and the scheme when it differs from the
+/// request's. Never the path or the query, which could carry a secret.
+fn redirect_target(from: &reqwest::Url, location: Option<Option<&str>>) -> String {
+    let Some(location) = location else {
+        return "redirect without a Location".into();
+    };
+    let Some(to) = location.and_then(|l| from.join(l.trim()).ok()) else {
+        return "redirect to an unreadable Location".into();
+    };
+    if to.host_str().is_none() {
+        return "redirect to a Location without a host".into();
+    }
+    if to.scheme() != from.scheme() {
+        format!("redirect to {}://{}", to.scheme(), host_label(&to))
+    } else {
+        format!("redirect to {}", host_label(&to))
+    }
+}
+
+/// A URL's host, with its port when that is not the scheme's default.
+fn host_label(url: &reqwest::Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => "the server".to_owned(),
     }
 }
 
@@ -260,6 +363,10 @@ pub fn classify_refresh(
         (404 | 405, _) => Err(RefreshError::Misconfigured {
             code: format!("http {status}"),
             description: "no token endpoint at this base_url".into(),
+        }),
+        (300..=399, _) => Err(RefreshError::Misconfigured {
+            code: format!("http {status}"),
+            description: refused("redirect", TOKEN_ENDPOINT),
         }),
         _ => Err(transient(format!("http {status}"), retry_after)),
     }
@@ -380,6 +487,11 @@ pub fn classify_probe(
         (ProbeKind::TokenInfo, 404) => {
             ProbeOutcome::Misconfigured("no token info endpoint at this base_url".into())
         }
+        // A redirect could lead anywhere: a `{}` from another host must never count as active.
+        (_, 300..=399) => ProbeOutcome::Misconfigured(format!(
+            "http {status}: {}",
+            refused("redirect", probe_endpoint(kind))
+        )),
         (_, status) => transient(format!("http {status}")),
     }
 }
@@ -387,8 +499,186 @@ pub fn classify_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Dur, Environment, TokenType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::mpsc;
 
     const NOW: i64 = 1_800_000_000;
+    const SECRET: &str = "client-secret-value";
+
+    fn profile(base_url: &str, probe: ProbeKind) -> Profile {
+        Profile {
+            name: "p".into(),
+            environment: Environment::Sandbox,
+            base_url: base_url.into(),
+            client_id: "cid".into(),
+            client_secret: SecretString::from(SECRET),
+            scopes: Vec::new(),
+            token_type: TokenType::User,
+            probe,
+            probe_url: Some(format!("{base_url}/api/me")),
+        }
+    }
+
+    fn provider(timeout: Duration) -> Provider {
+        Provider::new(&DaemonConfig {
+            http_connect_timeout: Dur(timeout),
+            http_timeout: Dur(timeout),
+            ..DaemonConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// An HTTP server on 127.0.0.1:0 that answers every request with `answer` and hands back
+    /// each request it read (head and body).
+    async fn serve(answer: String) -> (String, mpsc::UnboundedReceiver<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&request).into_owned());
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            }
+        });
+        (base, rx)
+    }
+
+    fn redirect(status: &str, location: &str) -> String {
+        format!("HTTP/1.1 {status}\r\nLocation: {location}\r\nContent-Length: 2\r\n\r\n{{}}")
+    }
+
+    #[tokio::test]
+    async fn refresh_never_follows_a_redirect() {
+        // Where the redirect points: it must never see a connection.
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let there = elsewhere.local_addr().unwrap();
+        let (base, mut requests) = serve(redirect(
+            "307 Temporary Redirect",
+            &format!("http://{there}/steal?refresh_token=r1"),
+        ))
+        .await;
+        let p = provider(Duration::from_secs(5));
+        let err = p
+            .refresh(
+                &profile(&base, ProbeKind::TokenInfo),
+                &SecretString::from("r1"),
+                NOW,
+            )
+            .await
+            .unwrap_err();
+        match err {
+            RefreshError::Misconfigured { code, description } => {
+                assert_eq!(code, "http 307");
+                assert_eq!(
+                    description,
+                    format!(
+                        "redirect to {there} refused: tokend never follows redirects from a \
+                         token endpoint; fix base_url"
+                    )
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            requests
+                .recv()
+                .await
+                .unwrap()
+                .starts_with("POST /oauth/token ")
+        );
+        let followed = tokio::time::timeout(Duration::from_millis(20), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn probes_never_follow_a_redirect() {
+        let (base, _requests) = serve(redirect("302 Found", "https://evil.example/me?t=x")).await;
+        let p = provider(Duration::from_secs(5));
+        let token = SecretString::from("a1");
+        for (kind, setting) in [
+            (ProbeKind::TokenInfo, "base_url"),
+            (ProbeKind::Introspect, "base_url"),
+            (ProbeKind::Url, "probe_url"),
+        ] {
+            assert_eq!(
+                p.probe(&profile(&base, kind), &token).await,
+                ProbeOutcome::Misconfigured(format!(
+                    "http 302: redirect to https://evil.example refused: tokend never follows \
+                     redirects from a probe; fix {setting}"
+                )),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_redirect_shows_its_host_and_nothing_else() {
+        let from = reqwest::Url::parse("https://api.factorialhr.com/oauth/token").unwrap();
+        let target = |l: Option<Option<&str>>| redirect_target(&from, l);
+        assert_eq!(
+            target(Some(Some("https://evil.example/oauth/token?code=secret"))),
+            "redirect to evil.example"
+        );
+        assert_eq!(
+            target(Some(Some("https://user:pw@evil.example:8443/x#secret"))),
+            "redirect to evil.example:8443"
+        );
+        assert_eq!(
+            target(Some(Some("http://api.factorialhr.com/oauth/token"))),
+            "redirect to http://api.factorialhr.com"
+        );
+        assert_eq!(
+            target(Some(Some("/login?next=secret"))),
+            "redirect to api.factorialhr.com"
+        );
+        assert_eq!(target(None), "redirect without a Location");
+        assert_eq!(target(Some(None)), "redirect to an unreadable Location");
+        assert_eq!(
+            target(Some(Some("http://[::1"))),
+            "redirect to an unreadable Location"
+        );
+    }
+
+    #[test]
+    fn any_3xx_answer_is_the_profiles_fault() {
+        for status in [301, 302, 303, 304, 307, 308] {
+            assert!(matches!(
+                classify_refresh(status, b"{}", None, NOW),
+                Err(RefreshError::Misconfigured { .. })
+            ));
+            for kind in [ProbeKind::TokenInfo, ProbeKind::Introspect, ProbeKind::Url] {
+                assert!(matches!(
+                    classify_probe(kind, status, br#"{"active":true}"#, None),
+                    ProbeOutcome::Misconfigured(_)
+                ));
+            }
+        }
+    }
 
     #[test]
     fn doorkeeper_success_uses_created_at() {
