@@ -276,27 +276,111 @@ fn transient(reason: String, retry_after: Option<Duration>) -> RefreshError {
     }
 }
 
+/// A transport failure in words an operator can act on: the host (with its port when that is
+/// not the scheme's default) and the cause, told apart by walking the error's sources. Never the
+/// URL's path or query, nor reqwest's own message, which quotes the whole URL.
 fn describe_reqwest(e: &reqwest::Error) -> String {
-    // reqwest's Display can include the URL; ours carry no secrets, but keep it short.
-    if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_connect() {
-        "connection failed".into()
-    } else if e.is_body() || e.is_decode() {
-        "response body error".into()
-    } else {
-        // Without the URL: a misconfigured base URL could carry credentials.
-        let mut reason = String::from("request failed");
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            reason = format!("request failed: {s}");
-            source = s.source();
-        }
-        reason
+    let host = e
+        .url()
+        .map(host_label)
+        .unwrap_or_else(|| "the server".to_owned());
+    let causes = causes(e);
+    let detail = innermost(&causes);
+    if let Some(tls) = causes
+        .iter()
+        .find_map(|c| c.downcast_ref::<rustls::Error>())
+    {
+        return format!("TLS error with {host}: {tls}");
     }
+    if e.is_timeout() {
+        return if e.is_connect() {
+            format!("timed out connecting to {host}")
+        } else {
+            format!("timed out waiting for the response from {host}")
+        };
+    }
+    // hyper-util's connector marks resolver failures only by its message; the cause below it
+    // is the resolver's own.
+    if e.is_connect() && causes.iter().any(|c| c.to_string() == "dns error") {
+        let name = e.url().and_then(|u| u.host_str()).unwrap_or("the server");
+        let why = detail
+            .strip_prefix("failed to lookup address information: ")
+            .unwrap_or(&detail);
+        return format!("DNS lookup failed for {name}: {why}");
+    }
+    if causes.iter().any(|c| {
+        c.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_incomplete_message())
+    }) {
+        return format!("connection closed before the response was complete ({host})");
+    }
+    let io = causes
+        .iter()
+        .rev()
+        .find_map(|c| c.downcast_ref::<std::io::Error>());
+    if let Some(io) = io {
+        use std::io::ErrorKind as K;
+        match io.kind() {
+            K::ConnectionRefused => return format!("connection refused ({host})"),
+            K::TimedOut if e.is_connect() => return format!("timed out connecting to {host}"),
+            K::TimedOut => return format!("timed out waiting for the response from {host}"),
+            K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+                return if e.is_connect() {
+                    format!("connection closed by {host} while connecting: {detail}")
+                } else {
+                    format!("connection closed before the response was complete ({host})")
+                };
+            }
+            K::NetworkUnreachable => return format!("network unreachable for {host}"),
+            K::HostUnreachable => return format!("host unreachable ({host})"),
+            _ => {}
+        }
+    }
+    if e.is_builder() {
+        return format!("invalid request: {detail}");
+    }
+    if e.is_connect() {
+        return format!("could not connect to {host}: {detail}");
+    }
+    format!("request to {host} failed: {detail}")
+}
+
+/// An error and its sources, outermost first. An `io::Error` wrapping another error reports that
+/// error's source, not the error itself, so it is unwrapped by hand (rustls errors hide there).
+fn causes<'e>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Vec<&'e (dyn std::error::Error + 'static)> {
+    let mut chain = Vec::new();
+    let mut next = Some(e);
+    while let Some(c) = next {
+        chain.push(c);
+        next = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+        if chain.len() > 16 {
+            break;
+        }
+    }
+    chain
+}
+
+/// The most specific message in a chain: the innermost cause that is not reqwest's (whose
+/// messages quote the URL), shortened.
+fn innermost(causes: &[&(dyn std::error::Error + 'static)]) -> String {
+    causes
+        .iter()
+        .rev()
+        .find(|c| !c.is::<reqwest::Error>())
+        .map(|c| c.to_string().chars().take(200).collect())
+        .unwrap_or_else(|| "unknown cause".to_owned())
 }
 
 async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let url = response.url().clone();
     if response.content_length().is_some_and(|n| n > max as u64) {
         return Err(format!("response body over {max} bytes"));
     }
@@ -310,7 +394,7 @@ async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Vec
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(e) => return Err(describe_reqwest(&e)),
+            Err(e) => return Err(describe_reqwest(&e.with_url(url))),
         }
     }
 }
@@ -520,10 +604,12 @@ mod tests {
         }
     }
 
+    /// A provider that gives up connecting after `timeout`, and on the whole request after twice
+    /// that.
     fn provider(timeout: Duration) -> Provider {
         Provider::new(&DaemonConfig {
             http_connect_timeout: Dur(timeout),
-            http_timeout: Dur(timeout),
+            http_timeout: Dur(timeout * 2),
             ..DaemonConfig::default()
         })
         .unwrap()
@@ -661,6 +747,147 @@ mod tests {
         assert_eq!(
             target(Some(Some("http://[::1"))),
             "redirect to an unreadable Location"
+        );
+    }
+
+    /// What a refresh against `base` fails with, as a transient reason.
+    async fn refresh_failure(p: &Provider, base: &str) -> String {
+        let profile = profile(base, ProbeKind::TokenInfo);
+        match p.refresh(&profile, &SecretString::from("r1"), NOW).await {
+            Err(RefreshError::Transient { reason, .. }) => {
+                assert!(
+                    !reason.contains("r1") && !reason.contains(SECRET),
+                    "{reason}"
+                );
+                reason
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A listener on 127.0.0.1:0 that accepts and never answers.
+    async fn silent_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_host_and_port() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let p = provider(Duration::from_secs(5));
+        assert_eq!(
+            refresh_failure(&p, &format!("http://{addr}")).await,
+            format!("connection refused ({addr})")
+        );
+        // A probe URL's query could hold a key: only the host is named.
+        let mut probe = profile(&format!("http://{addr}"), ProbeKind::Url);
+        probe.probe_url = Some(format!("http://{addr}/api/me?api_key=secret"));
+        assert_eq!(
+            p.probe(&probe, &SecretString::from("a1")).await,
+            ProbeOutcome::Transient {
+                reason: format!("connection refused ({addr})"),
+                retry_after: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_say_which_phase() {
+        let addr = silent_server().await;
+        let p = provider(Duration::from_millis(200));
+        assert_eq!(
+            refresh_failure(&p, &format!("http://{addr}")).await,
+            format!("timed out waiting for the response from {addr}")
+        );
+        // Over TLS the handshake never completes: still connecting.
+        assert_eq!(
+            refresh_failure(&p, &format!("https://{addr}")).await,
+            format!("timed out connecting to {addr}")
+        );
+    }
+
+    #[tokio::test]
+    async fn tls_errors_name_the_host_and_what_rustls_saw() {
+        // A plain HTTP answer where the TLS handshake expects a ServerHello.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+                let _ = socket.write_all(answer).await;
+            }
+        });
+        let p = provider(Duration::from_secs(5));
+        assert_eq!(
+            refresh_failure(&p, &format!("https://{addr}")).await,
+            format!("TLS error with {addr}: received corrupt message of type InvalidContentType")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_early_is_named_so() {
+        let p = provider(Duration::from_secs(5));
+        // Closed before any answer.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let _ = socket.read(&mut [0u8; 4096]).await;
+            }
+        });
+        let closed = format!("connection closed before the response was complete ({addr})");
+        assert_eq!(refresh_failure(&p, &format!("http://{addr}")).await, closed);
+        // Closed in the middle of the body.
+        let (base, _requests) =
+            serve("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"access".into()).await;
+        let addr = base.trim_start_matches("http://");
+        assert_eq!(
+            refresh_failure(&p, &base).await,
+            format!("connection closed before the response was complete ({addr})")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_refused() {
+        let p = provider(Duration::from_secs(5));
+        let (base, _requests) =
+            serve("HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n{".into()).await;
+        assert_eq!(
+            refresh_failure(&p, &base).await,
+            "response body over 65536 bytes"
+        );
+        // No length announced: the limit holds while reading.
+        let chunk = format!("8000\r\n{}\r\n", " ".repeat(0x8000));
+        let (base, _requests) = serve(format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            chunk.repeat(3)
+        ))
+        .await;
+        assert_eq!(
+            refresh_failure(&p, &base).await,
+            "response body over 65536 bytes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_dns_lookup_names_the_host() {
+        let p = provider(Duration::from_secs(3));
+        let reason = refresh_failure(&p, "http://tokend-test.invalid").await;
+        // Where no resolver answers at all, the connect timeout comes first.
+        assert!(
+            reason.starts_with("DNS lookup failed for tokend-test.invalid: ")
+                || reason == "timed out connecting to tokend-test.invalid",
+            "{reason}"
         );
     }
 
