@@ -636,9 +636,40 @@ impl Engine {
                         .await;
                 }
                 self.at_risk_logged.lock().map(|mut s| s.remove(&a.id)).ok();
-                let next = due_time(grant.expires_at, d);
+                // STOPGAP until the engine rewrite: a grant without an access token or a known
+                // lifetime keeps what was rotated and is retried with backoff as failing.
+                let expires_at = grant.expires_at().filter(|_| grant.access_token.is_some());
+                let Some(expires_at) = expires_at else {
+                    let missing = grant
+                        .access_token
+                        .is_none()
+                        .then(|| "no usable access_token".to_owned());
+                    let problems: Vec<String> = missing
+                        .into_iter()
+                        .chain(grant.expiry_problem.clone())
+                        .collect();
+                    let reason = format!("incomplete token response: {}", problems.join("; "));
+                    self.stats.record_error("refresh", &reason);
+                    let failures = a.failures.saturating_add(1);
+                    let next = unix_after(backoff(d, failures).max(Duration::from_secs(1)));
+                    tracing::warn!(account_id = %a.id, profile = %profile.name, outcome = "incomplete",
+                        error = %reason, latency_ms, failures, next_action_at = next, "refresh kept the rotated token; will retry");
+                    let mut u = update(
+                        &a,
+                        prior,
+                        State::Failing,
+                        Some(reason.clone()),
+                        Some(next),
+                        now,
+                    )
+                    .with_error(reason);
+                    u.failures = failures;
+                    u.tokens = Some(new_tokens(grant, now));
+                    return u;
+                };
+                let next = due_time(expires_at, d);
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = "refreshed",
-                    latency_ms, expires_at = grant.expires_at, next_action_at = next, "refresh");
+                    latency_ms, expires_at, next_action_at = next, "refresh");
                 let reason = (prior != Some(State::Active)).then(|| "refreshed".to_owned());
                 let mut u = update(&a, prior, State::Active, reason, Some(next), now);
                 u.tokens = Some(new_tokens(grant, now));
@@ -881,10 +912,14 @@ impl WithError for Update {
 fn new_tokens(grant: Grant, now: i64) -> NewTokens {
     let rotated = grant.refresh_token.is_some();
     NewTokens {
-        access_token: grant.access_token,
+        // STOPGAP: the store always writes an access token; an empty one reads as none, and an
+        // unknown expiry as "now".
+        expires_at: grant.expires_at().unwrap_or(now),
+        access_token: grant
+            .access_token
+            .unwrap_or_else(|| secrecy::SecretString::from("")),
         // No refresh_token in the answer: keep the one we have (COALESCE in the store).
         refresh_token: grant.refresh_token,
-        expires_at: grant.expires_at,
         refresh_issued_at: rotated.then_some(now),
         scopes: grant.scopes,
     }

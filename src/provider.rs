@@ -2,7 +2,9 @@
 //!
 //! Every answer is classified: a usable grant, a dead grant, the profile's fault, or a transient
 //! failure (with the server's `Retry-After` when it gave one). Bodies are size-limited and never
-//! trusted: a 200 that does not carry a usable token is transient, never stored.
+//! trusted, but whatever token a 200 carries is kept: once the server has rotated the refresh
+//! token the old one may be dead, so a grant with an odd `expires_in` or no access token is still
+//! a grant. Only a 200 with no usable token at all is transient.
 //!
 //! Redirects are never followed: every request carries a secret (a token, the client secret), and
 //! a redirect would hand it to whatever host the `Location` names. A 3xx is the profile's fault.
@@ -17,7 +19,7 @@ use crate::config::{DaemonConfig, ProbeKind, Profile};
 /// Longest `Retry-After` honoured; a server asking for more gets this.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// `expires_in` beyond this is not a lifetime a token server means.
-const MAX_EXPIRES_IN: i64 = 366 * 86_400;
+pub const MAX_EXPIRES_IN: i64 = 366 * 86_400;
 /// `created_at` further than this from our clock is ignored in favour of our clock.
 const MAX_CLOCK_SKEW: i64 = 86_400;
 /// Longest token accepted.
@@ -39,14 +41,29 @@ pub enum RefreshError {
     },
 }
 
-/// A usable answer to a refresh.
+/// What a refresh answer carried: at least one of the two tokens.
 #[derive(Debug, Clone)]
 pub struct Grant {
-    pub access_token: SecretString,
-    /// `None` when the server did not rotate: keep the old one.
+    /// None: the answer rotated the refresh token but carried no usable access token.
+    pub access_token: Option<SecretString>,
+    /// None: the server did not rotate; the old refresh token stays.
     pub refresh_token: Option<SecretString>,
-    pub expires_at: i64,
+    /// When the token was issued: `created_at` when believable, else `now`.
+    pub issued_at: i64,
+    /// Seconds of life as sent, within `1..=MAX_EXPIRES_IN`. None: unknown (see `expiry_problem`).
+    pub expires_in: Option<i64>,
+    /// Why `expires_in` is None, for the operator: "expires_in is missing", "expires_in is 0",
+    /// "expires_in is -5", "expires_in \"soon\" is not a number", "expires_in 1000000000000 is
+    /// more than a year".
+    pub expiry_problem: Option<String>,
     pub scopes: Option<String>,
+}
+
+impl Grant {
+    /// When the access token expires (unix seconds), when its lifetime is known.
+    pub fn expires_at(&self) -> Option<i64> {
+        self.expires_in.map(|e| self.issued_at + e)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -400,15 +417,6 @@ async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Vec
 }
 
 #[derive(Deserialize)]
-struct TokenResponse {
-    access_token: Option<serde_json::Value>,
-    refresh_token: Option<serde_json::Value>,
-    expires_in: Option<serde_json::Value>,
-    created_at: Option<serde_json::Value>,
-    scope: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
 struct ErrorResponse {
     error: Option<String>,
     error_description: Option<String>,
@@ -457,42 +465,33 @@ pub fn classify_refresh(
 }
 
 fn parse_grant(body: &[u8], now: i64) -> Result<Grant, String> {
-    let r: TokenResponse =
-        serde_json::from_slice(body).map_err(|_| "body is not a JSON object".to_owned())?;
-    let token =
-        |v: Option<serde_json::Value>, name: &str| -> Result<Option<SecretString>, String> {
-            match v {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::String(s))
-                    if !s.is_empty()
-                        && s.len() <= MAX_TOKEN_LEN
-                        && s.bytes().all(|b| b.is_ascii_graphic()) =>
-                {
-                    Ok(Some(SecretString::from(s)))
-                }
-                Some(_) => Err(format!("{name} is not a token string")),
-            }
-        };
-    let access_token = token(r.access_token, "access_token")?.ok_or("no access_token")?;
-    let refresh_token = token(r.refresh_token, "refresh_token")?;
-    let expires_in = r
-        .expires_in
-        .as_ref()
-        .and_then(as_i64)
-        .ok_or("no numeric expires_in")?;
-    if expires_in <= 0 || expires_in > MAX_EXPIRES_IN {
-        return Err(format!("expires_in {expires_in} is out of range"));
-    }
+    let Ok(serde_json::Value::Object(r)) = serde_json::from_slice(body) else {
+        return Err("body is not a JSON object".into());
+    };
+    let access_token = usable_token(r.get("access_token"));
+    let refresh_token = usable_token(r.get("refresh_token"));
+    let (access_token, refresh_token) = match (access_token, refresh_token) {
+        (Err(a), Err(r)) => {
+            return Err(format!(
+                "no usable token (access_token {a}, refresh_token {r})"
+            ));
+        }
+        (a, r) => (a.ok(), r.ok()),
+    };
+    let (expires_in, expiry_problem) = match parse_expires_in(r.get("expires_in")) {
+        Ok(e) => (Some(e), None),
+        Err(why) => (None, Some(why)),
+    };
     // created_at far from our clock, or one that would make the new token already expired, is
     // not believed: our clock then dates the token.
-    let issued = r
-        .created_at
-        .as_ref()
-        .and_then(as_i64)
-        .filter(|c| (c - now).abs() <= MAX_CLOCK_SKEW && c + expires_in > now)
+    let issued_at = r
+        .get("created_at")
+        .and_then(|c| whole_number(c).ok())
+        .filter(|c| (c - now).abs() <= MAX_CLOCK_SKEW)
+        .filter(|c| expires_in.is_none_or(|e| c + e > now))
         .unwrap_or(now);
-    let scopes = match r.scope {
-        Some(serde_json::Value::String(s)) => Some(s),
+    let scopes = match r.get("scope") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Array(a)) => Some(
             a.iter()
                 .filter_map(|v| v.as_str())
@@ -504,17 +503,99 @@ fn parse_grant(body: &[u8], now: i64) -> Result<Grant, String> {
     Ok(Grant {
         access_token,
         refresh_token,
-        expires_at: issued + expires_in,
+        issued_at,
+        expires_in,
+        expiry_problem,
         scopes,
     })
 }
 
-fn as_i64(v: &serde_json::Value) -> Option<i64> {
-    v.as_i64().or_else(|| {
-        v.as_f64()
-            .filter(|f| f.is_finite() && f.abs() < 1e15)
-            .map(|f| f as i64)
-    })
+/// A token string tokend can store and send: non-empty, at most `MAX_TOKEN_LEN` bytes, visible
+/// ASCII. `Err` says what it is instead, without quoting it.
+fn usable_token(v: Option<&serde_json::Value>) -> Result<SecretString, &'static str> {
+    match v {
+        None => Err("is missing"),
+        Some(serde_json::Value::Null) => Err("is null"),
+        Some(serde_json::Value::String(s)) if s.is_empty() => Err("is empty"),
+        Some(serde_json::Value::String(s)) if s.len() > MAX_TOKEN_LEN => {
+            Err("is longer than 4096 bytes")
+        }
+        Some(serde_json::Value::String(s)) if !s.bytes().all(|b| b.is_ascii_graphic()) => {
+            Err("has characters other than visible ASCII")
+        }
+        Some(serde_json::Value::String(s)) => Ok(SecretString::from(s.as_str())),
+        Some(_) => Err("is not a string"),
+    }
+}
+
+/// `expires_in` as a lifetime in `1..=MAX_EXPIRES_IN` seconds, or what is wrong with it.
+fn parse_expires_in(v: Option<&serde_json::Value>) -> Result<i64, String> {
+    let v = match v {
+        None => return Err("expires_in is missing".into()),
+        Some(serde_json::Value::Null) => return Err("expires_in is null".into()),
+        Some(v) => v,
+    };
+    match whole_number(v) {
+        Ok(e) if e <= 0 => Err(format!("expires_in is {e}")),
+        Ok(e) if e > MAX_EXPIRES_IN => Err(format!("expires_in {e} is more than a year")),
+        Ok(e) => Ok(e),
+        Err(NotWhole::TooLarge { negative: true }) => Err(format!("expires_in is {}", shown(v))),
+        Err(NotWhole::TooLarge { negative: false }) => {
+            Err(format!("expires_in {} is more than a year", shown(v)))
+        }
+        Err(NotWhole::Fraction) => Err(format!(
+            "expires_in {} is not a whole number of seconds",
+            shown(v)
+        )),
+        Err(NotWhole::NotANumber) => Err(format!("expires_in {} is not a number", shown(v))),
+    }
+}
+
+enum NotWhole {
+    NotANumber,
+    Fraction,
+    TooLarge { negative: bool },
+}
+
+/// A JSON integer, an integral float, or a string holding either (surrounding whitespace
+/// allowed), as an `i64`.
+fn whole_number(v: &serde_json::Value) -> Result<i64, NotWhole> {
+    let float = match v {
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => return Ok(i),
+            (None, Some(_)) => return Err(NotWhole::TooLarge { negative: false }),
+            (None, None) => n.as_f64().ok_or(NotWhole::NotANumber)?,
+        },
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            if let Ok(i) = s.parse::<i64>() {
+                return Ok(i);
+            }
+            s.parse::<f64>().map_err(|_| NotWhole::NotANumber)?
+        }
+        _ => return Err(NotWhole::NotANumber),
+    };
+    if !float.is_finite() {
+        Err(NotWhole::NotANumber)
+    } else if float.fract() != 0.0 {
+        Err(NotWhole::Fraction)
+    } else if float.abs() >= 9.0e18 {
+        Err(NotWhole::TooLarge {
+            negative: float < 0.0,
+        })
+    } else {
+        Ok(float as i64)
+    }
+}
+
+/// A server's value, shortened for a message.
+fn shown(v: &serde_json::Value) -> String {
+    let text = v.to_string();
+    if text.chars().count() > 40 {
+        text.chars().take(40).chain(['…']).collect()
+    } else {
+        text
+    }
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date, relative to `now`; capped at an hour.
@@ -907,50 +988,207 @@ mod tests {
         }
     }
 
+    fn grant(body: &str) -> Grant {
+        match classify_refresh(200, body.as_bytes(), None, NOW) {
+            Ok(g) => g,
+            Err(e) => panic!("{body}: {e:?}"),
+        }
+    }
+
+    fn secret(t: &Option<SecretString>) -> Option<&str> {
+        t.as_ref().map(|t| t.expose_secret())
+    }
+
     #[test]
     fn doorkeeper_success_uses_created_at() {
-        let body = format!(
+        let g = grant(&format!(
             r#"{{"access_token":"a1","token_type":"Bearer","expires_in":3600,"refresh_token":"r1","scope":"read write","created_at":{}}}"#,
             NOW - 10
-        );
-        let g = classify_refresh(200, body.as_bytes(), None, NOW).unwrap();
-        assert_eq!(g.expires_at, NOW - 10 + 3600);
-        assert_eq!(g.refresh_token.unwrap().expose_secret(), "r1");
+        ));
+        assert_eq!(secret(&g.access_token), Some("a1"));
+        assert_eq!(secret(&g.refresh_token), Some("r1"));
+        assert_eq!((g.issued_at, g.expires_in), (NOW - 10, Some(3600)));
+        assert_eq!(g.expires_at(), Some(NOW - 10 + 3600));
+        assert_eq!(g.expiry_problem, None);
         assert_eq!(g.scopes.as_deref(), Some("read write"));
     }
 
     #[test]
-    fn absurd_created_at_falls_back_to_local_time() {
-        let body = br#"{"access_token":"a","expires_in":60,"refresh_token":"r","created_at":5}"#;
-        assert_eq!(
-            classify_refresh(200, body, None, NOW).unwrap().expires_at,
-            NOW + 60
-        );
-        let body = br#"{"access_token":"a","expires_in":60}"#;
-        let g = classify_refresh(200, body, None, NOW).unwrap();
-        assert_eq!(g.expires_at, NOW + 60);
+    fn unbelievable_created_at_falls_back_to_local_time() {
+        for created_at in [
+            "5".to_owned(),
+            (NOW + MAX_CLOCK_SKEW + 1).to_string(),
+            (NOW - MAX_CLOCK_SKEW - 1).to_string(),
+            // Would make the new token already expired.
+            (NOW - 60).to_string(),
+            r#""yesterday""#.to_owned(),
+        ] {
+            let g = grant(&format!(
+                r#"{{"access_token":"a","expires_in":60,"refresh_token":"r","created_at":{created_at}}}"#
+            ));
+            assert_eq!(g.issued_at, NOW, "{created_at}");
+            assert_eq!(g.expires_at(), Some(NOW + 60), "{created_at}");
+        }
+        // A numeric string or an integral float is believed like an integer.
+        for created_at in [format!(r#"" {} ""#, NOW - 5), format!("{}.0", NOW - 5)] {
+            let g = grant(&format!(
+                r#"{{"access_token":"a","expires_in":60,"created_at":{created_at}}}"#
+            ));
+            assert_eq!(g.issued_at, NOW - 5, "{created_at}");
+        }
+        // With no known lifetime, only the clock skew limits it.
+        let g = grant(&format!(
+            r#"{{"access_token":"a","created_at":{}}}"#,
+            NOW - 3600
+        ));
+        assert_eq!((g.issued_at, g.expires_at()), (NOW - 3600, None));
+    }
+
+    #[test]
+    fn no_refresh_token_means_no_rotation() {
+        let g = grant(r#"{"access_token":"a","expires_in":60}"#);
+        assert_eq!(secret(&g.access_token), Some("a"));
+        assert!(g.refresh_token.is_none());
+        assert_eq!(g.expires_at(), Some(NOW + 60));
+        // An unusable refresh_token is no rotation either: the access token is still kept.
+        let g = grant(r#"{"access_token":"a","expires_in":60,"refresh_token":""}"#);
         assert!(g.refresh_token.is_none());
     }
 
     #[test]
-    fn unusable_200s_are_transient() {
-        for body in [
-            &b"<html>oops</html>"[..],
-            br#"{"access_token":"a","expires_in":-5,"refresh_token":"r"}"#,
-            br#"{"access_token":"a","expires_in":99999999999,"refresh_token":"r"}"#,
-            br#"{"refresh_token":"r","expires_in":60}"#,
-            br#"{"access_token":"","expires_in":60}"#,
-            br#"{"access_token":"a","expires_in":"60"}"#,
-            br#"{"access_token":"a","#,
+    fn expires_in_as_sent_in_the_wild() {
+        for (value, expected) in [
+            ("3600", 3600),
+            ("3600.0", 3600),
+            (r#""3600""#, 3600),
+            (r#"" 3600\n""#, 3600),
+            (r#""7200.0""#, 7200),
+            ("1", 1),
+            (&MAX_EXPIRES_IN.to_string(), MAX_EXPIRES_IN),
         ] {
-            assert!(
-                matches!(
-                    classify_refresh(200, body, None, NOW),
-                    Err(RefreshError::Transient { .. })
-                ),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            let g = grant(&format!(
+                r#"{{"access_token":"a","refresh_token":"r","expires_in":{value}}}"#
+            ));
+            assert_eq!(g.expires_in, Some(expected), "{value}");
+            assert_eq!(g.expiry_problem, None, "{value}");
+        }
+    }
+
+    #[test]
+    fn an_odd_expires_in_still_keeps_the_tokens() {
+        for (value, problem) in [
+            (None, "expires_in is missing"),
+            (Some("null"), "expires_in is null"),
+            (Some("0"), "expires_in is 0"),
+            (Some("-5"), "expires_in is -5"),
+            (Some(r#""-5""#), "expires_in is -5"),
+            (Some("-1e300"), "expires_in is -1e+300"),
+            (Some(r#""soon""#), r#"expires_in "soon" is not a number"#),
+            (Some(r#""""#), r#"expires_in "" is not a number"#),
+            (Some(r#""NaN""#), r#"expires_in "NaN" is not a number"#),
+            (Some("true"), "expires_in true is not a number"),
+            (Some("[3600]"), "expires_in [3600] is not a number"),
+            (
+                Some("59.5"),
+                "expires_in 59.5 is not a whole number of seconds",
+            ),
+            (
+                Some("1000000000000"),
+                "expires_in 1000000000000 is more than a year",
+            ),
+            (
+                Some("18446744073709551615"),
+                "expires_in 18446744073709551615 is more than a year",
+            ),
+            (Some("1e300"), "expires_in 1e+300 is more than a year"),
+            (
+                Some(r#""99999999999999999999""#),
+                r#"expires_in "99999999999999999999" is more than a year"#,
+            ),
+            (
+                Some(&format!(r#""{}""#, "x".repeat(100))),
+                r#"expires_in "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx… is not a number"#,
+            ),
+        ] {
+            let field = value
+                .map(|v| format!(r#","expires_in":{v}"#))
+                .unwrap_or_default();
+            let g = grant(&format!(
+                r#"{{"access_token":"a","refresh_token":"r"{field}}}"#
+            ));
+            assert_eq!(secret(&g.access_token), Some("a"), "{value:?}");
+            assert_eq!(secret(&g.refresh_token), Some("r"), "{value:?}");
+            assert_eq!(g.expires_in, None, "{value:?}");
+            assert_eq!(g.expires_at(), None, "{value:?}");
+            assert_eq!(g.issued_at, NOW, "{value:?}");
+            assert_eq!(g.expiry_problem.as_deref(), Some(problem), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn a_rotated_refresh_token_is_kept_without_an_access_token() {
+        let long = "a".repeat(MAX_TOKEN_LEN + 1);
+        for access in [
+            None,
+            Some("null"),
+            Some(r#""""#),
+            Some("42"),
+            Some(r#"{"t":"a"}"#),
+            Some(r#""two words""#),
+            Some(r#""caf\u00e9""#),
+            Some(r#""tab\there""#),
+            Some(&format!(r#""{long}""#)),
+        ] {
+            let field = access
+                .map(|v| format!(r#","access_token":{v}"#))
+                .unwrap_or_default();
+            let g = grant(&format!(
+                r#"{{"refresh_token":"r2","expires_in":3600{field}}}"#
+            ));
+            assert!(g.access_token.is_none(), "{access:?}");
+            assert_eq!(secret(&g.refresh_token), Some("r2"), "{access:?}");
+            assert_eq!(g.expires_in, Some(3600), "{access:?}");
+        }
+        // The longest token accepted, and every visible ASCII character.
+        let longest = "b".repeat(MAX_TOKEN_LEN);
+        let g = grant(&format!(
+            r#"{{"access_token":"{longest}","refresh_token":"!~{{}}\"\\09azAZ"}}"#
+        ));
+        assert_eq!(secret(&g.access_token), Some(longest.as_str()));
+        assert_eq!(secret(&g.refresh_token), Some(r#"!~{}"\09azAZ"#));
+    }
+
+    #[test]
+    fn unusable_200s_are_transient() {
+        for (body, why) in [
+            ("<html>oops</html>", "body is not a JSON object"),
+            (r#"{"access_token":"a","#, "body is not a JSON object"),
+            (r#"["a","r",3600]"#, "body is not a JSON object"),
+            (r#""a""#, "body is not a JSON object"),
+            (
+                r#"{"expires_in":60}"#,
+                "no usable token (access_token is missing, refresh_token is missing)",
+            ),
+            (
+                r#"{"access_token":"","refresh_token":null,"expires_in":60}"#,
+                "no usable token (access_token is empty, refresh_token is null)",
+            ),
+            (
+                r#"{"access_token":7,"refresh_token":"a b"}"#,
+                "no usable token (access_token is not a string, refresh_token has characters \
+                 other than visible ASCII)",
+            ),
+            (
+                r#"{"error":"invalid_grant"}"#,
+                "no usable token (access_token is missing, refresh_token is missing)",
+            ),
+        ] {
+            match classify_refresh(200, body.as_bytes(), None, NOW) {
+                Err(RefreshError::Transient { reason, .. }) => {
+                    assert_eq!(reason, format!("unusable token response: {why}"), "{body}")
+                }
+                other => panic!("{body}: {other:?}"),
+            }
         }
     }
 
