@@ -1,4 +1,5 @@
-//! The OAuth client for Factorial's Doorkeeper server: refresh a grant, probe a token.
+//! The OAuth client for Factorial's Doorkeeper server: refresh a grant, probe a token, revoke a
+//! token.
 //!
 //! Every answer is classified: a usable grant, a dead grant, the profile's fault, or a transient
 //! failure (with the server's `Retry-After` when it gave one). Bodies are size-limited and never
@@ -163,6 +164,29 @@ impl Provider {
         }
     }
 
+    /// Revoke `token`, a refresh token (RFC 7009). Doorkeeper answers `200 {}` even for a token
+    /// it does not know, so `Ok` says only that the server took the request, never that the
+    /// token existed. `Err` is a short description that never contains the token or the secret.
+    pub async fn revoke(&self, profile: &Profile, token: &SecretString) -> Result<(), String> {
+        let url = format!("{}/oauth/revoke", profile.base_url);
+        let form = [
+            ("token", token.expose_secret()),
+            ("token_type_hint", "refresh_token"),
+            ("client_id", profile.client_id.as_str()),
+            ("client_secret", profile.client_secret.expose_secret()),
+        ];
+        let result = match self.exchange(self.http.post(url).form(&form)).await {
+            Ok(a) => classify_revoke(a.status, &a.body),
+            Err(Failed::Redirect { status, target }) => Err(format!(
+                "http {status}: {}",
+                refused(&target, REVOCATION_ENDPOINT)
+            )),
+            Err(Failed::Transport { reason, .. }) => Err(reason),
+        };
+        let secrets = [token.expose_secret(), profile.client_secret.expose_secret()];
+        result.map_err(|e| redact(&e, &secrets))
+    }
+
     /// Send a request and read its answer, bounded. A redirect is returned unread, with where it
     /// points (see [`redirect_target`]).
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Failed> {
@@ -226,6 +250,11 @@ struct Endpoint {
 
 const TOKEN_ENDPOINT: Endpoint = Endpoint {
     what: "a token endpoint",
+    setting: "base_url",
+};
+
+const REVOCATION_ENDPOINT: Endpoint = Endpoint {
+    what: "the revocation endpoint",
     setting: "base_url",
 };
 
@@ -596,6 +625,38 @@ fn shown(v: &serde_json::Value) -> String {
     } else {
         text
     }
+}
+
+/// Classify a revocation answer (RFC 7009: `200` whatever the token was). Pure, for tests.
+pub fn classify_revoke(status: u16, body: &[u8]) -> Result<(), String> {
+    match status {
+        200 => Ok(()),
+        300..=399 => Err(format!(
+            "http {status}: {}",
+            refused("redirect", REVOCATION_ENDPOINT)
+        )),
+        _ => Err(match error_code(body) {
+            Some(code) => format!("http {status} {code}"),
+            None => format!("http {status}"),
+        }),
+    }
+}
+
+/// The `error` of an OAuth error body, when it looks like an error code (a short word): anything
+/// else from the server is not repeated.
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let code = v.as_object()?.get("error")?.as_str()?;
+    let word = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.');
+    (!code.is_empty() && code.len() <= 64 && code.bytes().all(word)).then(|| code.to_owned())
+}
+
+/// `text` with every occurrence of each (non-empty) secret replaced.
+fn redact(text: &str, secrets: &[&str]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(text.to_owned(), |t, s| t.replace(s, "[redacted]"))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date, relative to `now`; capped at an hour.
@@ -969,6 +1030,123 @@ mod tests {
             reason.starts_with("DNS lookup failed for tokend-test.invalid: ")
                 || reason == "timed out connecting to tokend-test.invalid",
             "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn revoke_sends_rfc7009_form_and_takes_200_as_done() {
+        let (base, mut requests) =
+            serve("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+        let p = provider(Duration::from_secs(5));
+        let profile = profile(&base, ProbeKind::TokenInfo);
+        p.revoke(&profile, &SecretString::from("r/1+"))
+            .await
+            .unwrap();
+        let request = requests.recv().await.unwrap();
+        assert!(request.starts_with("POST /oauth/revoke "), "{request}");
+        let body = request.split("\r\n\r\n").nth(1).unwrap();
+        let form: Vec<(String, String)> = serde_urlencoded::from_str(body).unwrap();
+        let expected = [
+            ("token", "r/1+"),
+            ("token_type_hint", "refresh_token"),
+            ("client_id", "cid"),
+            ("client_secret", SECRET),
+        ];
+        assert_eq!(
+            form,
+            expected.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+        );
+    }
+
+    #[tokio::test]
+    async fn revoke_failures_are_short_and_hold_no_secret() {
+        let p = provider(Duration::from_millis(200));
+        let token = SecretString::from("r1-revoked");
+        let revoke = |answer: String| {
+            let (p, token) = (p.clone(), token.clone());
+            async move {
+                let (base, _requests) = serve(answer).await;
+                p.revoke(&profile(&base, ProbeKind::TokenInfo), &token)
+                    .await
+                    .unwrap_err()
+            }
+        };
+        let json = |status: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        assert_eq!(
+            revoke(json(
+                "403 Forbidden",
+                r#"{"error":"unauthorized_client","error_description":"You are not authorized to revoke this token"}"#
+            ))
+            .await,
+            "http 403 unauthorized_client"
+        );
+        assert_eq!(
+            revoke(json("503 Service Unavailable", "<html>")).await,
+            "http 503"
+        );
+        // A server echoing what it was sent gets none of it repeated.
+        assert_eq!(
+            revoke(json("400 Bad Request", r#"{"error":"r1-revoked"}"#)).await,
+            "http 400 [redacted]"
+        );
+        assert_eq!(
+            revoke(json(
+                "400 Bad Request",
+                &format!(r#"{{"error":"{SECRET} is wrong"}}"#)
+            ))
+            .await,
+            "http 400"
+        );
+        assert_eq!(
+            revoke(redirect(
+                "302 Found",
+                "https://evil.example/oauth/revoke?token=r1-revoked"
+            ))
+            .await,
+            "http 302: redirect to https://evil.example refused: tokend never follows redirects \
+             from the revocation endpoint; fix base_url"
+        );
+        // No answer at all.
+        let addr = silent_server().await;
+        let err = p
+            .revoke(
+                &profile(&format!("http://{addr}"), ProbeKind::TokenInfo),
+                &token,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            format!("timed out waiting for the response from {addr}")
+        );
+    }
+
+    #[test]
+    fn revocation_answers() {
+        assert_eq!(classify_revoke(200, b"{}"), Ok(()));
+        assert_eq!(classify_revoke(200, b"<html>"), Ok(()));
+        assert!(classify_revoke(204, b"").is_err());
+        assert_eq!(
+            classify_revoke(401, br#"{"error":"invalid_client"}"#),
+            Err("http 401 invalid_client".into())
+        );
+        assert_eq!(
+            classify_revoke(401, br#"["invalid_client"]"#),
+            Err("http 401".into())
+        );
+        assert!(
+            classify_revoke(307, b"")
+                .unwrap_err()
+                .starts_with("http 307: redirect refused")
+        );
+        assert_eq!(
+            redact("a secret and a token: secret", &["secret", ""]),
+            "a [redacted] and a token: [redacted]"
         );
     }
 
