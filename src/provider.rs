@@ -13,7 +13,6 @@
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
 use crate::config::{DaemonConfig, ProbeKind, Profile};
 
@@ -115,8 +114,12 @@ impl Provider {
             ("client_id", profile.client_id.as_str()),
             ("client_secret", profile.client_secret.expose_secret()),
         ];
+        let secrets = [
+            refresh_token.expose_secret(),
+            profile.client_secret.expose_secret(),
+        ];
         match self.exchange(self.http.post(url).form(&form)).await {
-            Ok(a) => classify_refresh(a.status, &a.body, a.retry_after, now),
+            Ok(a) => classify(a.status, &a.body, a.retry_after, now, &secrets),
             Err(Failed::Redirect { status, target }) => Err(RefreshError::Misconfigured {
                 code: format!("http {status}"),
                 description: refused(&target, TOKEN_ENDPOINT),
@@ -148,8 +151,22 @@ impl Provider {
                     ("client_secret", profile.client_secret.expose_secret()),
                 ]),
         };
+        let secrets = [
+            access_token.expose_secret(),
+            profile.client_secret.expose_secret(),
+        ];
         match self.exchange(request).await {
-            Ok(a) => classify_probe(profile.probe, a.status, &a.body, a.retry_after),
+            Ok(a) => match classify_probe(profile.probe, a.status, &a.body, a.retry_after) {
+                // Only an error code from the server can reach these; it must not be a secret.
+                ProbeOutcome::Transient {
+                    reason,
+                    retry_after,
+                } => ProbeOutcome::Transient {
+                    reason: redact(&reason, &secrets),
+                    retry_after,
+                },
+                other => other,
+            },
             Err(Failed::Redirect { status, target }) => ProbeOutcome::Misconfigured(format!(
                 "http {status}: {}",
                 refused(&target, probe_endpoint(profile.probe))
@@ -445,12 +462,6 @@ async fn read_limited(mut response: reqwest::Response, max: usize) -> Result<Vec
     }
 }
 
-#[derive(Deserialize)]
-struct ErrorResponse {
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
 /// Turn one token-endpoint answer into a grant or a classified error. Pure, for tests and fuzzing.
 pub fn classify_refresh(
     status: u16,
@@ -458,19 +469,35 @@ pub fn classify_refresh(
     retry_after: Option<Duration>,
     now: i64,
 ) -> Result<Grant, RefreshError> {
+    classify(status, body, retry_after, now, &[])
+}
+
+/// [`classify_refresh`], redacting `secrets` (what the request carried) from the server's
+/// `error_description` before it is shortened, so no part of one reaches a log.
+fn classify(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    now: i64,
+    secrets: &[&str],
+) -> Result<Grant, RefreshError> {
     if status == 200 {
         return parse_grant(body, now)
             .map_err(|why| transient(format!("unusable token response: {why}"), retry_after));
     }
-    let err: Option<ErrorResponse> = serde_json::from_slice(body).ok();
-    let code = err
-        .as_ref()
-        .and_then(|e| e.error.clone())
-        .unwrap_or_default();
-    let description = err
-        .and_then(|e| e.error_description)
-        .map(|d| d.chars().take(200).collect())
-        .unwrap_or_default();
+    let err = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let field = |name: &str| {
+        err.as_ref()
+            .and_then(|e| e.as_object()?.get(name)?.as_str())
+            .unwrap_or_default()
+    };
+    // Only codes matched below are ever repeated.
+    let code = field("error").to_owned();
+    let description: String = redact(field("error_description"), secrets)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
     match (status, code.as_str()) {
         (400 | 401, "invalid_grant") => Err(RefreshError::InvalidGrant(description)),
         (
@@ -702,8 +729,7 @@ pub fn classify_probe(
         },
         (ProbeKind::Url, 200..=299) => ProbeOutcome::Active,
         (ProbeKind::TokenInfo | ProbeKind::Url, 401) => {
-            let err: Option<ErrorResponse> = serde_json::from_slice(body).ok();
-            let code = err.and_then(|e| e.error).unwrap_or_default();
+            let code = error_code(body).unwrap_or_default();
             if kind == ProbeKind::TokenInfo && code != "invalid_token" {
                 transient(format!("http 401 without invalid_token ({code:?})"))
             } else {
@@ -1123,6 +1149,74 @@ mod tests {
         assert_eq!(
             err,
             format!("timed out waiting for the response from {addr}")
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_server_echoes_back_is_redacted() {
+        let p = provider(Duration::from_secs(5));
+        let description = format!("bad token r1-{} and {SECRET}", "x".repeat(180));
+        let body = format!(r#"{{"error":"invalid_grant","error_description":"{description}"}}"#);
+        let (base, _requests) = serve(format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+        let refresh_token = SecretString::from(format!("r1-{}", "x".repeat(180)));
+        match p
+            .refresh(&profile(&base, ProbeKind::TokenInfo), &refresh_token, NOW)
+            .await
+        {
+            Err(RefreshError::InvalidGrant(d)) => {
+                assert_eq!(d, "bad token [redacted] and [redacted]")
+            }
+            other => panic!("{other:?}"),
+        }
+        let body = r#"{"error":"a1-access"}"#;
+        let (base, _requests) = serve(format!(
+            "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+        let outcome = p
+            .probe(
+                &profile(&base, ProbeKind::TokenInfo),
+                &SecretString::from("a1-access"),
+            )
+            .await;
+        assert_eq!(
+            outcome,
+            ProbeOutcome::Transient {
+                reason: r#"http 401 without invalid_token ("[redacted]")"#.into(),
+                retry_after: None
+            }
+        );
+    }
+
+    #[test]
+    fn error_bodies_are_objects_and_descriptions_one_line() {
+        // serde would read a JSON array positionally into a struct: not an error body.
+        assert!(matches!(
+            classify_refresh(400, br#"["invalid_grant","x"]"#, None, NOW),
+            Err(RefreshError::Transient { .. })
+        ));
+        let body =
+            br#"{"error":"invalid_grant","error_description":"line one\nline two\u001b[31m"}"#;
+        match classify_refresh(400, body, None, NOW) {
+            Err(RefreshError::InvalidGrant(d)) => assert_eq!(d, "line one line two [31m"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            classify_probe(
+                ProbeKind::TokenInfo,
+                401,
+                br#"{"error":"not a code"}"#,
+                None
+            ),
+            ProbeOutcome::Transient {
+                reason: r#"http 401 without invalid_token ("")"#.into(),
+                retry_after: None
+            }
         );
     }
 
