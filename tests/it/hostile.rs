@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
 use rusqlite::params;
-use tokend::provider::{classify_refresh, parse_retry_after};
+use secrecy::ExposeSecret;
+use tokend::provider::{MAX_EXPIRES_IN, classify_refresh, parse_retry_after};
 use tokend_mock::MockConfig;
 
 use crate::helpers::{Env, eventually};
@@ -24,11 +25,31 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             .unwrap_or_default()),
         (NOW - 200_000..NOW + 200_000).prop_map(serde_json::Value::from),
         (-10i64..100_000_000).prop_map(serde_json::Value::from),
+        // Integral floats and numeric strings, as some servers send expires_in and created_at.
+        (-10i64..100_000_000).prop_map(|i| serde_json::Value::from(i as f64)),
+        (NOW - 200_000..NOW + 200_000).prop_map(|i| serde_json::Value::from(i as f64)),
+        "[ \t]{0,2}-?[0-9]{1,20}(\\.[0-9]{0,2})?[ \t]{0,2}".prop_map(serde_json::Value::from),
+        // Token-like strings, and ones just too long to be a token.
+        "[!-~]{1,64}".prop_map(serde_json::Value::from),
+        "[a-f0-9]{4096,4097}".prop_map(serde_json::Value::from),
         ".{0,80}".prop_map(serde_json::Value::from),
     ];
     leaf.prop_recursive(2, 16, 4, |inner| {
         prop::collection::vec(inner, 0..4).prop_map(serde_json::Value::Array)
     })
+}
+
+/// A number in `range` as a JSON integer, an integral float or a padded numeric string, or any
+/// other JSON value.
+fn number_or_not(range: std::ops::Range<i64>) -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        range.clone().prop_map(serde_json::Value::from),
+        range
+            .clone()
+            .prop_map(|i| serde_json::Value::from(i as f64)),
+        range.prop_map(|i| serde_json::Value::from(format!(" {i} "))),
+        json_value(),
+    ]
 }
 
 fn token_body() -> impl Strategy<Value = Vec<u8>> {
@@ -42,13 +63,43 @@ fn token_body() -> impl Strategy<Value = Vec<u8>> {
         "error",
         "x",
     ]);
+    // Near misses of a real answer: each field absent, odd, or plausible, so that usable grants
+    // (and every odd shape of them) come up often, not by luck.
+    let token = || {
+        prop::option::of(prop_oneof![
+            "[!-~]{1,64}".prop_map(serde_json::Value::from),
+            json_value()
+        ])
+    };
+    let near_miss = (
+        token(),
+        token(),
+        prop::option::of(number_or_not(-10..40_000_000)),
+        prop::option::of(number_or_not(NOW - 200_000..NOW + 200_000)),
+        prop::option::of(json_value()),
+    )
+        .prop_map(|(access, refresh, expires_in, created_at, scope)| {
+            let fields = [
+                ("access_token", access),
+                ("refresh_token", refresh),
+                ("expires_in", expires_in),
+                ("created_at", created_at),
+                ("scope", scope),
+            ];
+            let obj: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+                .collect();
+            serde_json::to_vec(&obj).unwrap_or_default()
+        });
     prop_oneof![
-        prop::collection::vec(any::<u8>(), 0..300),
-        prop::collection::btree_map(keys, json_value(), 0..7).prop_map(|m| {
+        1 => prop::collection::vec(any::<u8>(), 0..300),
+        1 => prop::collection::btree_map(keys, json_value(), 0..7).prop_map(|m| {
             let obj: serde_json::Map<String, serde_json::Value> =
                 m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
             serde_json::to_vec(&obj).unwrap_or_default()
         }),
+        2 => near_miss,
     ]
 }
 
@@ -58,8 +109,22 @@ proptest! {
     #[test]
     fn token_answers_never_panic_or_yield_impossible_expiry(status in prop_oneof![Just(200u16), 100u16..600], body in token_body()) {
         if let Ok(g) = classify_refresh(status, &body, None, NOW) {
-            prop_assert!(g.expires_at > NOW, "expiry {} not after now", g.expires_at);
-            prop_assert!(g.expires_at <= NOW + 366 * 86_400 + 86_400, "expiry {} absurdly far", g.expires_at);
+            prop_assert_eq!(status, 200);
+            prop_assert!(g.access_token.is_some() || g.refresh_token.is_some(), "a grant without a token");
+            for t in [&g.access_token, &g.refresh_token].into_iter().flatten() {
+                let t = t.expose_secret();
+                prop_assert!(!t.is_empty() && t.len() <= 4096 && t.bytes().all(|b| b.is_ascii_graphic()));
+            }
+            prop_assert!((g.issued_at - NOW).abs() <= 86_400, "issued_at {} not within a day", g.issued_at);
+            match (g.expires_in, g.expires_at()) {
+                (Some(e), Some(at)) => {
+                    prop_assert!((1..=MAX_EXPIRES_IN).contains(&e), "expires_in {}", e);
+                    prop_assert!(at > NOW, "expiry {} not after now", at);
+                    prop_assert!(g.expiry_problem.is_none());
+                }
+                (None, None) => prop_assert!(g.expiry_problem.is_some(), "unknown expiry without a reason"),
+                other => prop_assert!(false, "expires_in and expires_at disagree: {:?}", other),
+            }
         }
     }
 
