@@ -118,7 +118,7 @@ impl Provider {
             refresh_token.expose_secret(),
             profile.client_secret.expose_secret(),
         ];
-        match self.exchange(self.http.post(url).form(&form)).await {
+        match self.exchange(self.http.post(url).form(&form), unix(now)).await {
             Ok(a) => classify(a.status, &a.body, a.retry_after, now, &secrets),
             Err(Failed::Redirect { status, target }) => Err(RefreshError::Misconfigured {
                 code: format!("http {status}"),
@@ -132,7 +132,13 @@ impl Provider {
     }
 
     /// Ask the provider whether a company token still works, as the profile's probe says.
-    pub async fn probe(&self, profile: &Profile, access_token: &SecretString) -> ProbeOutcome {
+    /// `now` is unix seconds (for a `Retry-After` given as a date).
+    pub async fn probe(
+        &self,
+        profile: &Profile,
+        access_token: &SecretString,
+        now: i64,
+    ) -> ProbeOutcome {
         let request = match profile.probe {
             ProbeKind::TokenInfo => self
                 .http
@@ -155,7 +161,7 @@ impl Provider {
             access_token.expose_secret(),
             profile.client_secret.expose_secret(),
         ];
-        match self.exchange(request).await {
+        match self.exchange(request, unix(now)).await {
             Ok(a) => match classify_probe(profile.probe, a.status, &a.body, a.retry_after) {
                 // Only an error code from the server can reach these; it must not be a secret.
                 ProbeOutcome::Transient {
@@ -192,7 +198,10 @@ impl Provider {
             ("client_id", profile.client_id.as_str()),
             ("client_secret", profile.client_secret.expose_secret()),
         ];
-        let result = match self.exchange(self.http.post(url).form(&form)).await {
+        let result = match self
+            .exchange(self.http.post(url).form(&form), SystemTime::now())
+            .await
+        {
             Ok(a) => classify_revoke(a.status, &a.body),
             Err(Failed::Redirect { status, target }) => Err(format!(
                 "http {status}: {}",
@@ -206,7 +215,11 @@ impl Provider {
 
     /// Send a request and read its answer, bounded. A redirect is returned unread, with where it
     /// points (see [`redirect_target`]).
-    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, Failed> {
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        now: SystemTime,
+    ) -> Result<Answer, Failed> {
         let response = request.send().await.map_err(|e| Failed::Transport {
             reason: describe_reqwest(&e),
             retry_after: None,
@@ -226,7 +239,7 @@ impl Provider {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+            .and_then(|v| parse_retry_after(v, now));
         let body = read_limited(response, self.max_body)
             .await
             .map_err(|reason| Failed::Transport {
@@ -684,6 +697,11 @@ fn redact(text: &str, secrets: &[&str]) -> String {
         .iter()
         .filter(|s| !s.is_empty())
         .fold(text.to_owned(), |t, s| t.replace(s, "[redacted]"))
+}
+
+/// Unix seconds as a `SystemTime`.
+fn unix(secs: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date, relative to `now`; capped at an hour.

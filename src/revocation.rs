@@ -192,7 +192,7 @@ impl Checker {
         let profile = rt.config.profile_for(a.profile.as_deref())?.clone();
         let token = a.access_token.clone()?;
         let started = Instant::now();
-        let outcome = rt.provider.probe(&profile, &token).await;
+        let outcome = rt.provider.probe(&profile, &token, now).await;
         let latency_ms = started.elapsed().as_millis() as u64;
         let now = s.clock.now();
         let mut ch = Change {
