@@ -271,7 +271,8 @@ impl Profile {
     }
 }
 
-/// A duration written as `30s`, `10m`, `2h`, `7d`, `500ms` or a sum such as `1h30m`.
+/// A duration written as `30s`, `10m`, `2h`, `7d`, `500ms` or a sum such as `1h30m`
+/// (see [`parse_duration`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -287,39 +288,15 @@ impl Dur {
     }
 }
 
+/// The longest duration accepted: anything beyond ten years is a typo, not a schedule.
+/// Counted in humantime's years (365.25 days), so `"10y"` itself is accepted.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// Parse a duration written with units (humantime's syntax: `"30s"`, `"1h30m"`, `"1h 30m"`,
+/// `"500ms"`, `"2weeks"`). A bare number is refused: `"10"` could mean seconds or minutes.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60)?),
-            "h" => Duration::from_secs(n.checked_mul(3600)?),
-            "d" => Duration::from_secs(n.checked_mul(86_400)?),
-            _ => return None,
-        };
-        total = total.checked_add(part)?;
-    }
-    // Anything beyond ten years is a typo, not a schedule.
-    (total <= Duration::from_secs(10 * 365 * 86_400)).then_some(total)
+    let d = humantime::parse_duration(s.trim()).ok()?;
+    (d <= MAX_DURATION).then_some(d)
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -605,5 +582,7 @@ mod tests {
         assert_eq!(parse_duration("10x"), None);
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("99999999999999999999d"), None);
+        assert_eq!(parse_duration("10y"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("3653d"), None, "over the ten-year ceiling");
     }
 }

@@ -144,6 +144,26 @@ fn invalid_configs_name_the_key_and_line() {
 }
 
 #[test]
+fn durations_use_humantime_syntax_and_still_need_a_unit() {
+    use tokend::config::parse_duration;
+    let secs = |s: &str| parse_duration(s).map(|d| d.as_secs_f64());
+    assert_eq!(secs("1h30m"), Some(5400.0));
+    assert_eq!(secs("1h 30m"), Some(5400.0));
+    assert_eq!(secs("90min"), Some(5400.0));
+    assert_eq!(secs("2weeks"), Some(14.0 * 86_400.0));
+    assert_eq!(secs("500ms"), Some(0.5));
+    assert_eq!(secs("10"), None, "a bare number has no unit");
+    assert_eq!(secs("11y"), None, "over the ten-year ceiling");
+    let c = parse(&format!("[daemon]\nretry_max = \"1h 30m\"\n{GOOD_PROFILE}")).expect("valid");
+    assert_eq!(c.daemon.retry_max.get().as_secs(), 5400);
+    let err = parse("[daemon]\nretry_max = \"10\"\n").expect_err("no unit");
+    assert!(
+        err.contains("tokend.toml:2:") && err.contains("retry_max") && err.contains("with a unit"),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_file_in_config_dir_parses() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
     let mut found = 0;
