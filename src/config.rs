@@ -4,7 +4,7 @@
 //! would be right. Secrets are resolved at load time (file, environment variable, or systemd
 //! credential) and kept in [`secrecy::SecretString`], whose `Debug` prints nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -191,7 +191,7 @@ pub enum ProbeKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
-    name: toml::Spanned<String>,
+    name: String,
     #[serde(default = "default_environment")]
     environment: Environment,
     #[serde(default)]
@@ -352,7 +352,7 @@ impl Config {
     }
 
     fn parse_with(path: &Path, text: &str, resolve_secrets: bool) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let toml_err = |e: toml::de::Error| {
             let line = e.span().map(|s| line_of(text, s.start));
             let msg = e.message().trim().to_owned();
             let context = line
@@ -360,8 +360,13 @@ impl Config {
                 .map(|l| format!(" (at `{}`)", l.trim()))
                 .unwrap_or_default();
             ConfigError::at(path, line, format!("{msg}{context}"))
-        })?;
-        validate(path, text, raw, resolve_secrets)
+        };
+        // Parse once into the spanned document: its spans give the lines of errors found after
+        // deserialising, and the typed config is deserialised from the same document.
+        let doc = toml::de::DeTable::parse(text).map_err(toml_err)?;
+        let lines = KeyLines::new(text, doc.get_ref());
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc)).map_err(toml_err)?;
+        validate(path, &lines, raw, resolve_secrets)
     }
 }
 
@@ -369,16 +374,76 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The line of every key of `[daemon]` and of each `[[profile]]`, taken from the TOML parser's
+/// spans, for errors found after deserialising. A key that appears in several tables (or
+/// inside a string) is found in the table it belongs to.
+#[derive(Debug, Default)]
+struct KeyLines {
+    daemon: HashMap<String, usize>,
+    profiles: Vec<ProfileLines>,
+}
+
+#[derive(Debug, Default)]
+struct ProfileLines {
+    /// Where the table starts (its `[[profile]]` header), when it has no `name` line.
+    start: Option<usize>,
+    keys: HashMap<String, usize>,
+}
+
+impl KeyLines {
+    fn new(text: &str, doc: &toml::de::DeTable<'_>) -> KeyLines {
+        let keys_of = |table: &toml::de::DeTable<'_>| {
+            table
+                .iter()
+                .map(|(k, _)| (k.get_ref().to_string(), line_of(text, k.span().start)))
+                .collect::<HashMap<_, _>>()
+        };
+        let daemon = match doc.get("daemon").map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Table(t)) => keys_of(t),
+            _ => HashMap::new(),
+        };
+        let profiles = match doc.get("profile").map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Array(items)) => items
+                .iter()
+                .map(|item| match item.get_ref() {
+                    toml::de::DeValue::Table(t) => ProfileLines {
+                        start: Some(line_of(text, item.span().start)),
+                        keys: keys_of(t),
+                    },
+                    _ => ProfileLines::default(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        KeyLines { daemon, profiles }
+    }
+
+    /// The line of the first of `keys` written in `[daemon]`.
+    fn daemon(&self, keys: &[&str]) -> Option<usize> {
+        keys.iter().find_map(|k| self.daemon.get(*k).copied())
+    }
+
+    /// The line of `key` in the `index`th profile, else of its `name`, else of its header.
+    fn profile(&self, index: usize, key: &str) -> Option<usize> {
+        let p = self.profiles.get(index)?;
+        p.keys
+            .get(key)
+            .or_else(|| p.keys.get("name"))
+            .copied()
+            .or(p.start)
+    }
+}
+
 fn validate(
     path: &Path,
-    text: &str,
+    lines: &KeyLines,
     raw: RawConfig,
     resolve_secrets: bool,
 ) -> Result<Config, ConfigError> {
     let d = &raw.daemon;
     let mut warnings = Vec::new();
     let daemon_err = |key: &str, msg: &str| {
-        let line = find_key_line(text, key);
+        let line = lines.daemon(&[key]);
         ConfigError::at(path, line, format!("daemon.{key}: {msg}"))
     };
     if d.refresh_lead.get() < Duration::from_secs(1) {
@@ -437,10 +502,10 @@ fn validate(
 
     let mut names = HashSet::new();
     let mut profiles = Vec::with_capacity(raw.profiles.len());
-    for p in raw.profiles {
-        let line = Some(line_of(text, p.name.span().start));
-        let name = p.name.into_inner();
+    for (index, p) in raw.profiles.into_iter().enumerate() {
+        let name = p.name.clone();
         let perr = |key: &str, msg: String| {
+            let line = lines.profile(index, key);
             ConfigError::at(path, line, format!("profile {name:?}: {key}: {msg}"))
         };
         if name.is_empty()
@@ -462,20 +527,25 @@ fn validate(
         if p.client_id.trim().is_empty() {
             return Err(perr("client_id", "must not be empty".into()));
         }
-        let sources = [
-            p.client_secret_file.is_some(),
-            p.client_secret_env.is_some(),
-            p.client_secret_credential.is_some(),
-            p.client_secret.is_some(),
+        let sources: Vec<&str> = [
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
+            (
+                "client_secret_credential",
+                p.client_secret_credential.is_some(),
+            ),
+            ("client_secret", p.client_secret.is_some()),
         ]
-        .iter()
-        .filter(|x| **x)
-        .count();
-        if sources != 1 {
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if sources.len() != 1 {
+            // Point at the second source when there are two, else at the profile.
             return Err(perr(
-                "client_secret_file",
+                sources.get(1).copied().unwrap_or("client_secret_file"),
                 format!(
-                    "give exactly one client secret source (client_secret_file, client_secret_env, client_secret_credential or client_secret); found {sources}"
+                    "give exactly one client secret source (client_secret_file, client_secret_env, client_secret_credential or client_secret); found {}",
+                    sources.len()
                 ),
             ));
         }
@@ -548,17 +618,6 @@ fn validate(
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-/// The line of `key = ...` in the file, for errors found after parsing.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
 }
 
 impl Config {

@@ -100,12 +100,12 @@ fn invalid_configs_name_the_key_and_line() {
         (
             "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret_file = \"/nonexistent/secret\"\n",
             "client_secret_file",
-            Some(2),
+            Some(4),
         ),
         (
             "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret_env = \"TOKEND_TEST_UNSET_VARIABLE\"\n",
             "client_secret_env",
-            Some(2),
+            Some(4),
         ),
         (
             "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\n\n[[profile]]\nname = \"p\"\nclient_id = \"b\"\nclient_secret = \"t\"\n",
@@ -141,6 +141,45 @@ fn invalid_configs_name_the_key_and_line() {
             );
         }
     }
+}
+
+#[test]
+fn validation_errors_name_the_line_of_the_key_in_its_own_table() {
+    // The same key in two profiles: the error is the second profile's, and so is the line.
+    let text = "\
+[[profile]]
+name = \"first\"
+client_id = \"a\"
+client_secret = \"s\"
+
+[[profile]]
+name = \"second\"
+client_id = \"   \"
+client_secret = \"t\"
+";
+    let err = parse(text).expect_err("blank client_id");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:8: profile \"second\": client_id:"),
+        "{err}"
+    );
+
+    // `lease = ...` written inside a multi-line string above the real key is not the key.
+    let text = "\
+[[profile]]
+name = \"p\"
+client_id = \"\"\"
+lease = \"60s\"
+\"\"\"
+client_secret = \"s\"
+
+[daemon]
+lease = \"1s\"
+";
+    let err = parse(text).expect_err("lease shorter than http_timeout");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:9: daemon.lease:"),
+        "{err}"
+    );
 }
 
 #[test]
