@@ -87,6 +87,10 @@ pub struct DaemonConfig {
     pub revocation_confirm_delay: Dur,
     /// Spacing between two revocation probes to the same profile (its request rate limit).
     pub probe_interval: Dur,
+    /// A refresh is never due sooner than this after the token was issued (at least 1s).
+    pub min_refresh_interval: Dur,
+    /// Hard ceiling of token requests per account per hour (at least 1).
+    pub max_token_requests_per_hour: u32,
 }
 
 impl Default for DaemonConfig {
@@ -112,6 +116,8 @@ impl Default for DaemonConfig {
             revocation_schedule: "0 */15 * * * *".to_owned(),
             revocation_confirm_delay: Dur::from_secs(30),
             probe_interval: Dur(Duration::from_millis(200)),
+            min_refresh_interval: Dur::from_secs(60),
+            max_token_requests_per_hour: 30,
         }
     }
 }
@@ -213,6 +219,12 @@ struct RawProfile {
     probe: ProbeKind,
     #[serde(default)]
     probe_url: Option<HttpUrl>,
+    #[serde(default = "default_token_lifetime")]
+    default_token_lifetime: Dur,
+    #[serde(default = "default_true")]
+    revoke_superseded: bool,
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
 fn default_environment() -> Environment {
@@ -223,6 +235,12 @@ fn default_token_type() -> TokenType {
 }
 fn default_probe() -> ProbeKind {
     ProbeKind::TokenInfo
+}
+fn default_token_lifetime() -> Dur {
+    Dur::from_secs(3600)
+}
+fn default_true() -> bool {
+    true
 }
 
 /// A connector profile: one OAuth application at Factorial.
@@ -238,6 +256,12 @@ pub struct Profile {
     pub token_type: TokenType,
     pub probe: ProbeKind,
     pub probe_url: Option<String>,
+    /// Access-token lifetime assumed when the provider's `expires_in` is missing or unusable.
+    pub default_token_lifetime: Dur,
+    /// Revoke the superseded refresh token once its rotation is stored.
+    pub revoke_superseded: bool,
+    /// Plain `http://` to a non-loopback host is accepted (with a warning).
+    pub allow_insecure_http: bool,
 }
 
 impl fmt::Debug for Profile {
@@ -251,6 +275,9 @@ impl fmt::Debug for Profile {
             .field("scopes", &self.scopes)
             .field("token_type", &self.token_type)
             .field("probe", &self.probe)
+            .field("default_token_lifetime", &self.default_token_lifetime)
+            .field("revoke_superseded", &self.revoke_superseded)
+            .field("allow_insecure_http", &self.allow_insecure_http)
             .finish()
     }
 }
@@ -486,6 +513,15 @@ fn validate(
             ),
         ));
     }
+    if d.min_refresh_interval.get() < Duration::from_secs(1) {
+        return Err(daemon_err("min_refresh_interval", "must be at least 1s"));
+    }
+    if d.max_token_requests_per_hour == 0 {
+        return Err(daemon_err(
+            "max_token_requests_per_hour",
+            "must be at least 1, or no account could ever be refreshed",
+        ));
+    }
     if d.revocation_confirm_delay.get() < Duration::from_secs(30) {
         return Err(daemon_err(
             "revocation_confirm_delay",
@@ -591,6 +627,13 @@ fn validate(
                 "probe = \"url\" needs probe_url = \"https://...\"".into(),
             ));
         }
+        if p.default_token_lifetime.get() < Duration::from_secs(60) {
+            return Err(perr(
+                "default_token_lifetime",
+                "must be at least 60s: it stands in for a token lifetime the provider did not give"
+                    .into(),
+            ));
+        }
         let base_url = match (&p.base_url, p.environment) {
             (Some(u), _) => u.0.clone(),
             (None, Environment::Production) => PRODUCTION_BASE_URL.to_owned(),
@@ -606,6 +649,9 @@ fn validate(
             token_type: p.token_type,
             probe: p.probe,
             probe_url: p.probe_url.map(|u| u.0),
+            default_token_lifetime: p.default_token_lifetime,
+            revoke_superseded: p.revoke_superseded,
+            allow_insecure_http: p.allow_insecure_http,
         });
     }
     Ok(Config {

@@ -35,6 +35,32 @@ fn minimal_config_gets_documented_defaults() {
 }
 
 #[test]
+fn new_keys_have_their_documented_defaults_and_can_be_set() {
+    let c = parse(GOOD_PROFILE).expect("valid");
+    assert_eq!(c.daemon.min_refresh_interval.get().as_secs(), 60);
+    assert_eq!(c.daemon.max_token_requests_per_hour, 30);
+    let p = &c.profiles[0];
+    assert_eq!(p.default_token_lifetime.get().as_secs(), 3600);
+    assert!(p.revoke_superseded);
+    assert!(!p.allow_insecure_http);
+
+    let c = parse(&format!(
+        "[daemon]\nmin_refresh_interval = \"5m\"\nmax_token_requests_per_hour = 4\n{GOOD_PROFILE}\
+         default_token_lifetime = \"2h\"\nrevoke_superseded = false\nallow_insecure_http = true\n"
+    ))
+    .expect("valid");
+    assert_eq!(c.daemon.min_refresh_interval.get().as_secs(), 300);
+    assert_eq!(c.daemon.max_token_requests_per_hour, 4);
+    let p = &c.profiles[0];
+    assert_eq!(p.default_token_lifetime.get().as_secs(), 7200);
+    assert!(!p.revoke_superseded);
+    assert!(p.allow_insecure_http);
+    let debug = format!("{p:?}");
+    assert!(debug.contains("revoke_superseded: false"), "{debug}");
+    assert!(!debug.contains("inline"), "Debug shows the secret: {debug}");
+}
+
+#[test]
 fn invalid_configs_name_the_key_and_line() {
     // (config text, a key the message must name, the line it must name)
     let cases: &[(&str, &str, Option<usize>)] = &[
@@ -123,6 +149,31 @@ fn invalid_configs_name_the_key_and_line() {
             Some(5),
         ),
         ("[daemon]\ndatabase = \"/tmp/x.db\"\n", "profile", None),
+        (
+            "[daemon]\nmin_refresh_interval = \"500ms\"\n",
+            "min_refresh_interval",
+            Some(2),
+        ),
+        (
+            "[daemon]\n\nmax_token_requests_per_hour = 0\n",
+            "max_token_requests_per_hour",
+            Some(3),
+        ),
+        (
+            "[daemon]\nmax_token_requests_per_hour = -1\n",
+            "max_token_requests_per_hour",
+            Some(2),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\ndefault_token_lifetime = \"30s\"\n",
+            "default_token_lifetime",
+            Some(5),
+        ),
+        (
+            "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"s\"\nrevoke_superseded = \"yes\"\n",
+            "revoke_superseded",
+            Some(5),
+        ),
     ];
     for (text, key, line) in cases {
         let err = parse(text).expect_err(text);
