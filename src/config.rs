@@ -24,10 +24,15 @@ pub struct ConfigError(String);
 
 impl ConfigError {
     fn at(path: &Path, line: Option<usize>, msg: impl fmt::Display) -> Self {
-        match line {
-            Some(line) => ConfigError(format!("{}:{line}: {msg}", path.display())),
-            None => ConfigError(format!("{}: {msg}", path.display())),
-        }
+        ConfigError(located(path, line, msg))
+    }
+}
+
+/// `file:line: msg`, or `file: msg` when the line is unknown: errors and warnings alike.
+fn located(path: &Path, line: Option<usize>, msg: impl fmt::Display) -> String {
+    match line {
+        Some(line) => format!("{}:{line}: {msg}", path.display()),
+        None => format!("{}: {msg}", path.display()),
     }
 }
 
@@ -349,10 +354,56 @@ impl<'de> Deserialize<'de> for HttpUrl {
                 Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
             }
             _ => Err(serde::de::Error::custom(format!(
-                "invalid URL {s:?}: expected an absolute http(s) URL such as \"https://api.factorialhr.com\""
+                "invalid URL {:?}: expected an absolute http(s) URL such as \"https://api.factorialhr.com\"",
+                redact_userinfo(&s)
             ))),
         }
     }
+}
+
+/// `text` with the user-info part of any URL in it (`user:pass@`) replaced by `***@`, so a
+/// message can quote a line without echoing a password.
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(['/', '?', '#', '"', '\'', ' '])
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// How a URL may be used: an error (already phrased) for user info, else whether requests to
+/// it would go in cleartext over the network (plain http to a host that is not loopback).
+fn url_in_cleartext(url: &HttpUrl) -> Result<bool, String> {
+    let u = reqwest::Url::parse(&url.0).map_err(|_| "not a valid URL".to_owned())?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(
+            "must not carry a user name or password (`user:pass@`): the client authenticates with client_id and its client secret; remove them from the URL".into(),
+        );
+    }
+    let loopback = match u.host_str() {
+        Some(host) => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
+    };
+    Ok(u.scheme() == "http" && !loopback)
 }
 
 impl Config {
@@ -384,7 +435,7 @@ impl Config {
             let msg = e.message().trim().to_owned();
             let context = line
                 .and_then(|l| text.lines().nth(l - 1))
-                .map(|l| format!(" (at `{}`)", l.trim()))
+                .map(|l| format!(" (at `{}`)", quotable(l)))
                 .unwrap_or_default();
             ConfigError::at(path, line, format!("{msg}{context}"))
         };
@@ -394,6 +445,15 @@ impl Config {
         let lines = KeyLines::new(text, doc.get_ref());
         let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc)).map_err(toml_err)?;
         validate(path, &lines, raw, resolve_secrets)
+    }
+}
+
+/// A config line as an error may quote it: never an inline secret's value or a URL's password.
+fn quotable(line: &str) -> String {
+    let line = line.trim();
+    match line.strip_prefix("client_secret") {
+        Some(rest) if rest.trim_start().starts_with('=') => "client_secret = …".to_owned(),
+        _ => redact_userinfo(line),
     }
 }
 
@@ -485,6 +545,27 @@ fn validate(
     if d.http_timeout.get().is_zero() || d.http_connect_timeout.get().is_zero() {
         return Err(daemon_err("http_timeout", "timeouts must be above zero"));
     }
+    if d.shutdown_timeout < d.http_timeout {
+        return Err(ConfigError::at(
+            path,
+            lines.daemon(&["shutdown_timeout", "http_timeout"]),
+            format!(
+                "daemon.shutdown_timeout ({}) is shorter than http_timeout ({}): in-flight refreshes could be abandoned with their rotated tokens; make it at least http_timeout",
+                humantime::format_duration(d.shutdown_timeout.get()),
+                humantime::format_duration(d.http_timeout.get()),
+            ),
+        ));
+    }
+    if d.refresh_lead.get() > Duration::from_secs(30 * 60) {
+        warnings.push(located(
+            path,
+            lines.daemon(&["refresh_lead"]),
+            format!(
+                "daemon.refresh_lead ({}) is longer than half of Factorial's documented 1 h lifetime: tokend clamps the lead per token to at most half the token's lifetime",
+                humantime::format_duration(d.refresh_lead.get()),
+            ),
+        ));
+    }
     if d.lease.get() <= d.http_timeout.get() {
         return Err(daemon_err(
             "lease",
@@ -563,6 +644,34 @@ fn validate(
         if p.client_id.trim().is_empty() {
             return Err(perr("client_id", "must not be empty".into()));
         }
+        for (key, url) in [("base_url", &p.base_url), ("probe_url", &p.probe_url)] {
+            let Some(url) = url else { continue };
+            let cleartext = url_in_cleartext(url).map_err(|e| perr(key, e))?;
+            if cleartext && !p.allow_insecure_http {
+                return Err(perr(
+                    key,
+                    format!(
+                        "{:?} is plain http to a host that is not loopback: the client secret and tokens would travel in cleartext; use https://, or set allow_insecure_http = true in this profile",
+                        url.0
+                    ),
+                ));
+            }
+            if cleartext {
+                let carried = if key == "base_url" {
+                    "the client secret and tokens travel"
+                } else {
+                    "the access tokens it probes travel"
+                };
+                warnings.push(located(
+                    path,
+                    lines.profile(index, key),
+                    format!(
+                        "profile {name:?}: {key} {:?} is plain http (allow_insecure_http = true): {carried} in cleartext",
+                        url.0
+                    ),
+                ));
+            }
+        }
         let sources: Vec<&str> = [
             ("client_secret_file", p.client_secret_file.is_some()),
             ("client_secret_env", p.client_secret_env.is_some()),
@@ -612,9 +721,12 @@ fn validate(
             read_secret_file(&Path::new(&dir).join(cred))
                 .map_err(|e| perr("client_secret_credential", e))?
         } else {
-            warnings.push(format!(
-                "{}: profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential",
-                path.display()
+            warnings.push(located(
+                path,
+                lines.profile(index, "client_secret"),
+                format!(
+                    "profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential"
+                ),
             ));
             p.client_secret.clone().unwrap_or_default()
         };
@@ -689,5 +801,18 @@ mod tests {
         assert_eq!(parse_duration("99999999999999999999d"), None);
         assert_eq!(parse_duration("10y"), Some(MAX_DURATION));
         assert_eq!(parse_duration("3653d"), None, "over the ten-year ceiling");
+    }
+
+    #[test]
+    fn user_info_is_redacted() {
+        assert_eq!(
+            redact_userinfo(r#"base_url = "https://u:p@x.test/a@b" # or http://v@y"#),
+            r#"base_url = "https://***@x.test/a@b" # or http://***@y"#
+        );
+        assert_eq!(
+            redact_userinfo("https://x.test/?q=a@b"),
+            "https://x.test/?q=a@b"
+        );
+        assert_eq!(redact_userinfo("no url here"), "no url here");
     }
 }

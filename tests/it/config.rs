@@ -233,6 +233,136 @@ lease = \"1s\"
     );
 }
 
+/// A one-profile config with `extra` lines appended to the profile (from line 6 on).
+fn with_profile_lines(extra: &str) -> String {
+    format!("{GOOD_PROFILE}{extra}\n")
+}
+
+#[test]
+fn shutdown_timeout_must_cover_a_request_in_flight() {
+    let err = parse(&format!(
+        "[daemon]\nhttp_timeout = \"15s\"\nshutdown_timeout = \"10s\"\n{GOOD_PROFILE}"
+    ))
+    .expect_err("shutdown shorter than a request");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:3: daemon.shutdown_timeout"),
+        "{err}"
+    );
+    assert!(err.contains("abandoned with their rotated tokens"), "{err}");
+    // Only http_timeout written: the default shutdown_timeout (20s) is too short for it.
+    let err = parse(&format!("[daemon]\nhttp_timeout = \"30s\"\n{GOOD_PROFILE}"))
+        .expect_err("default shutdown shorter than a request");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:2: daemon.shutdown_timeout"),
+        "{err}"
+    );
+    parse(&format!(
+        "[daemon]\nhttp_timeout = \"20s\"\nshutdown_timeout = \"20s\"\n{GOOD_PROFILE}"
+    ))
+    .expect("equal is enough");
+}
+
+#[test]
+fn urls_must_be_https_unless_loopback_or_explicitly_allowed() {
+    for ok in [
+        "https://api.example.com",
+        "http://127.0.0.1:8080",
+        "http://127.3.2.1",
+        "http://[::1]:8080/oauth",
+        "http://localhost:9000",
+    ] {
+        let c = parse(&with_profile_lines(&format!("base_url = \"{ok}\""))).expect(ok);
+        assert_eq!(
+            c.warnings.len(),
+            1,
+            "only the inline secret warns for {ok}: {:?}",
+            c.warnings
+        );
+    }
+    let err = parse(&with_profile_lines("base_url = \"http://api.example.com\""))
+        .expect_err("plain http");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:6: profile \"factorial\": base_url:"),
+        "{err}"
+    );
+    assert!(err.contains("allow_insecure_http"), "{err}");
+    let err = parse(&with_profile_lines(
+        "probe = \"url\"\nprobe_url = \"http://10.0.0.1/me\"",
+    ))
+    .expect_err("plain http probe");
+    assert!(
+        err.starts_with("/etc/tokend/tokend.toml:7: profile \"factorial\": probe_url:"),
+        "{err}"
+    );
+
+    let c = parse(&with_profile_lines(
+        "allow_insecure_http = true\nbase_url = \"http://api.example.com\"",
+    ))
+    .expect("allowed");
+    let warning = c
+        .warnings
+        .iter()
+        .find(|w| w.contains("base_url"))
+        .unwrap_or_else(|| panic!("no warning: {:?}", c.warnings));
+    assert!(
+        warning.starts_with("/etc/tokend/tokend.toml:7:")
+            && warning.contains("\"factorial\"")
+            && warning.contains("client secret")
+            && warning.contains("cleartext"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn urls_with_user_info_are_refused_without_echoing_the_password() {
+    for (line, key) in [
+        (
+            "base_url = \"https://admin:hunter2@api.example.com\"",
+            "base_url",
+        ),
+        ("base_url = \"https://admin@api.example.com\"", "base_url"),
+        (
+            "probe = \"url\"\nprobe_url = \"https://admin:hunter2@api.example.com/me\"",
+            "probe_url",
+        ),
+        // Not a URL at all, and the error quotes the line: still no password.
+        (
+            "base_url = \"https://admin:hunter2@api example.com\"",
+            "base_url",
+        ),
+    ] {
+        let err = parse(&with_profile_lines(line)).expect_err(line);
+        assert!(err.contains(key), "{err}");
+        assert!(!err.contains("hunter2"), "password echoed: {err}");
+        let line_no = 5 + line.lines().count();
+        assert!(err.contains(&format!("tokend.toml:{line_no}:")), "{err}");
+    }
+    let err = parse("[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret = \"hunter2\n")
+        .expect_err("unterminated string");
+    assert!(!err.contains("hunter2"), "inline secret echoed: {err}");
+}
+
+#[test]
+fn a_refresh_lead_over_half_an_hour_warns() {
+    let c = parse(&format!("[daemon]\nrefresh_lead = \"30m\"\n{GOOD_PROFILE}")).expect("valid");
+    assert!(
+        !c.warnings.iter().any(|w| w.contains("refresh_lead")),
+        "{:?}",
+        c.warnings
+    );
+    let c = parse(&format!("[daemon]\nrefresh_lead = \"45m\"\n{GOOD_PROFILE}")).expect("valid");
+    let warning = c
+        .warnings
+        .iter()
+        .find(|w| w.contains("refresh_lead"))
+        .unwrap_or_else(|| panic!("no warning: {:?}", c.warnings));
+    assert!(
+        warning.starts_with("/etc/tokend/tokend.toml:2:")
+            && warning.contains("half the token's lifetime"),
+        "{warning}"
+    );
+}
+
 #[test]
 fn durations_use_humantime_syntax_and_still_need_a_unit() {
     use tokend::config::parse_duration;
