@@ -444,7 +444,7 @@ impl Config {
         let doc = toml::de::DeTable::parse(text).map_err(toml_err)?;
         let lines = KeyLines::new(text, doc.get_ref());
         let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc)).map_err(toml_err)?;
-        validate(path, &lines, raw, resolve_secrets)
+        validate(path, &lines, raw, resolve_secrets, chrono::Utc::now())
     }
 }
 
@@ -526,6 +526,7 @@ fn validate(
     lines: &KeyLines,
     raw: RawConfig,
     resolve_secrets: bool,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Config, ConfigError> {
     let d = &raw.daemon;
     let mut warnings = Vec::new();
@@ -581,19 +582,8 @@ fn validate(
             "must be shorter than refresh_token_lifetime",
         ));
     }
-    if tokio_cron_scheduler::Job::new_async(d.revocation_schedule.as_str(), |_, _| {
-        Box::pin(async {})
-    })
-    .is_err()
-    {
-        return Err(daemon_err(
-            "revocation_schedule",
-            &format!(
-                "invalid cron expression {:?}: use six fields with seconds, e.g. \"0 */15 * * * *\"",
-                d.revocation_schedule
-            ),
-        ));
-    }
+    check_schedule(&d.revocation_schedule, now)
+        .map_err(|msg| daemon_err("revocation_schedule", &msg))?;
     if d.min_refresh_interval.get() < Duration::from_secs(1) {
         return Err(daemon_err("min_refresh_interval", "must be at least 1s"));
     }
@@ -774,6 +764,60 @@ fn validate(
     })
 }
 
+/// Check a revocation schedule as tokio-cron-scheduler will run it (six fields with seconds,
+/// day-of-month and day-of-week both required to match, UTC): it must fire within a year of
+/// `now`, and never twice within a minute, since every run probes every company token.
+fn check_schedule(expr: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(), String> {
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|_| {
+            format!(
+                "invalid cron expression {expr:?}: use six fields with seconds, e.g. \"0 */15 * * * *\""
+            )
+        })?;
+    let next: Vec<_> = cron.iter_after(now).take(3).collect();
+    let listed = || {
+        next.iter()
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // A year from any instant, leap day included, is at most 366 days.
+    let Some(first) = next
+        .first()
+        .filter(|t| **t <= now + chrono::TimeDelta::days(366))
+    else {
+        let found = if next.is_empty() {
+            "no fire time found".to_owned()
+        } else {
+            format!("next: {}", listed())
+        };
+        return Err(format!(
+            "{expr:?} does not fire within the next year ({found}): revoked company tokens would go unnoticed; e.g. \"0 */15 * * * *\""
+        ));
+    };
+    // The seconds field is independent of the others: every minute the schedule fires in, it
+    // fires at each second it lists. So two listed seconds mean two firings under a minute
+    // apart, however rarely the minute comes round ("0,30 0 0 1 1 *").
+    let minute = *first - chrono::TimeDelta::seconds(i64::from(chrono::Timelike::second(first)));
+    let per_minute = (0..60)
+        .filter(|s| {
+            cron.is_time_matching(&(minute + chrono::TimeDelta::seconds(*s)))
+                .unwrap_or(false)
+        })
+        .count();
+    if per_minute > 1 {
+        return Err(format!(
+            "{expr:?} fires more often than once a minute ({per_minute} times in each minute it runs; next: {}): every run probes every company token; give the seconds field one value, e.g. \"0 */15 * * * *\"",
+            listed()
+        ));
+    }
+    Ok(())
+}
+
 fn read_secret_file(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
@@ -801,6 +845,49 @@ mod tests {
         assert_eq!(parse_duration("99999999999999999999d"), None);
         assert_eq!(parse_duration("10y"), Some(MAX_DURATION));
         assert_eq!(parse_duration("3653d"), None, "over the ten-year ceiling");
+    }
+
+    #[test]
+    fn schedules_fire_within_a_year_and_at_most_once_a_minute() {
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.to_utc())
+                .unwrap_or_default()
+        };
+        let mid_2026 = at("2026-06-01T12:00:00Z");
+        for ok in [
+            "0 */15 * * * *",
+            "0 * * * * *",
+            "0 0 0 1 1 *",
+            "59 59 23 31 12 *",
+        ] {
+            assert_eq!(check_schedule(ok, mid_2026), Ok(()), "{ok}");
+        }
+        // On 1 January just after midnight the next firing is a whole year away: still fine.
+        assert_eq!(
+            check_schedule("0 0 0 1 1 *", at("2028-01-01T00:00:01Z")),
+            Ok(())
+        );
+        // A leap day: more than a year away from mid-2026, within a year from mid-2027.
+        assert!(check_schedule("0 0 0 29 2 *", mid_2026).is_err());
+        assert_eq!(
+            check_schedule("0 0 0 29 2 *", at("2027-06-01T00:00:00Z")),
+            Ok(())
+        );
+        let err = check_schedule("*/10 * * * * *", mid_2026).unwrap_err();
+        assert!(
+            err.contains("next: 2026-06-01T12:00:10Z, 2026-06-01T12:00:20Z, 2026-06-01T12:00:30Z"),
+            "{err}"
+        );
+        // Twice in one minute a year: still twice within a minute.
+        let err = check_schedule("0,30 0 0 1 1 *", mid_2026).unwrap_err();
+        assert!(err.contains("2 times in each minute"), "{err}");
+        assert!(
+            err.contains("2027-01-01T00:00:00Z, 2027-01-01T00:00:30Z, 2028-01-01T00:00:00Z"),
+            "{err}"
+        );
+        let err = check_schedule("0 0 0 31 2 *", mid_2026).unwrap_err();
+        assert!(err.contains("does not fire within the next year"), "{err}");
     }
 
     #[test]

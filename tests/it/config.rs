@@ -364,6 +364,47 @@ fn a_refresh_lead_over_half_an_hour_warns() {
 }
 
 #[test]
+fn revocation_schedules_that_fire_too_often_or_never_are_refused() {
+    for (cron, says) in [
+        ("*/10 * * * * *", "more often than once a minute"),
+        ("0-30 * * * * *", "more often than once a minute"),
+        ("0,30 0 0 1 1 *", "more often than once a minute"),
+        ("0 0 0 31 2 *", "does not fire within the next year"),
+    ] {
+        let err = parse(&format!(
+            "[daemon]\nlog_level = \"info\"\nrevocation_schedule = \"{cron}\"\n{GOOD_PROFILE}"
+        ))
+        .expect_err(cron);
+        assert!(
+            err.starts_with("/etc/tokend/tokend.toml:3: daemon.revocation_schedule:"),
+            "{err}"
+        );
+        assert!(err.contains(says), "{err}");
+        if says.contains("minute") {
+            // Three fire times, RFC 3339 UTC, after "next: ".
+            let listed = err.split("next: ").nth(1).unwrap_or_default();
+            let times: Vec<_> = listed
+                .split([',', ')'])
+                .take(3)
+                .map(|t| chrono::DateTime::parse_from_rfc3339(t.trim()))
+                .collect();
+            assert!(times.iter().all(|t| t.is_ok()), "{err}");
+        }
+    }
+    for cron in [
+        "0 */15 * * * *",
+        "0 * * * * *",
+        "0 0 0 1 1 *",
+        "0 30 2 * * 1-5",
+    ] {
+        parse(&format!(
+            "[daemon]\nrevocation_schedule = \"{cron}\"\n{GOOD_PROFILE}"
+        ))
+        .unwrap_or_else(|e| panic!("{cron}: {e}"));
+    }
+}
+
+#[test]
 fn durations_use_humantime_syntax_and_still_need_a_unit() {
     use tokend::config::parse_duration;
     let secs = |s: &str| parse_duration(s).map(|d| d.as_secs_f64());
