@@ -684,10 +684,28 @@ fn validate(
                 ),
             ));
         }
+        let warn_loose_mode = |warnings: &mut Vec<String>,
+                               key: &str,
+                               file: &Path,
+                               secret: &SecretFile| {
+            if let Some(mode) = secret.loose_mode {
+                warnings.push(located(
+                        path,
+                        lines.profile(index, key),
+                        format!(
+                            "profile {name:?}: {key}: {} has mode {mode:04o}, so users other than its owner may read the client secret: chmod 600 {}",
+                            file.display(),
+                            file.display()
+                        ),
+                    ));
+            }
+        };
         let secret = if !resolve_secrets {
             "unresolved".to_owned()
         } else if let Some(file) = &p.client_secret_file {
-            read_secret_file(file).map_err(|e| perr("client_secret_file", e))?
+            let secret = read_secret_file(file).map_err(|e| perr("client_secret_file", e))?;
+            warn_loose_mode(&mut warnings, "client_secret_file", file, &secret);
+            secret.text
         } else if let Some(var) = &p.client_secret_env {
             std::env::var(var).map_err(|_| {
                 perr(
@@ -708,8 +726,11 @@ fn validate(
                     "must be a credential name, not a path".into(),
                 ));
             }
-            read_secret_file(&Path::new(&dir).join(cred))
-                .map_err(|e| perr("client_secret_credential", e))?
+            let file = Path::new(&dir).join(cred);
+            let secret =
+                read_secret_file(&file).map_err(|e| perr("client_secret_credential", e))?;
+            warn_loose_mode(&mut warnings, "client_secret_credential", &file, &secret);
+            secret.text
         } else {
             warnings.push(located(
                 path,
@@ -818,8 +839,79 @@ fn check_schedule(expr: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(), 
     Ok(())
 }
 
-fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+/// Largest secret file read: a client secret is tens of bytes, and the cap keeps a wrong path
+/// (a log file, a disk image) from being read into memory.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
+/// A secret read from a file, trimmed.
+struct SecretFile {
+    text: String,
+    /// Permission bits, when the file's group or others have any access to it.
+    loose_mode: Option<u32>,
+}
+
+/// Read a secret file: a regular file of at most [`MAX_SECRET_BYTES`], never blocking (a FIFO
+/// or a device is refused, not opened for reading).
+fn read_secret_file(path: &Path) -> Result<SecretFile, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    let shown = path.display();
+    let not_regular = |t: std::fs::FileType| {
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a plain file"
+        };
+        format!("{shown} is {kind}, not a regular file: point it at a file holding only the secret")
+    };
+    let cannot_read = |e: std::io::Error| format!("cannot read {shown}: {e}");
+    // Look before opening: opening a FIFO for reading would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(cannot_read)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    // O_NONBLOCK in case the path was swapped for a FIFO since; no effect on a regular file.
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::NONBLOCK
+        | rustix::fs::OFlags::NOCTTY
+        | rustix::fs::OFlags::CLOEXEC;
+    let file = std::fs::File::from(
+        rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+            .map_err(|e| cannot_read(e.into()))?,
+    );
+    let meta = file.metadata().map_err(cannot_read)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let too_large = || {
+        format!(
+            "{shown} is larger than {} KiB: a client secret is a short string; is this the right file?",
+            MAX_SECRET_BYTES / 1024
+        )
+    };
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(too_large());
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    Ok(SecretFile {
+        text: text.trim().to_owned(),
+        loose_mode: (mode & 0o077 != 0).then_some(mode),
+    })
 }
 
 impl Config {

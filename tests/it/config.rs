@@ -404,6 +404,76 @@ fn revocation_schedules_that_fire_too_often_or_never_are_refused() {
     }
 }
 
+fn with_secret_file(file: &Path) -> Result<Config, String> {
+    parse(&format!(
+        "[[profile]]\nname = \"p\"\nclient_id = \"a\"\nclient_secret_file = \"{}\"\n",
+        file.display()
+    ))
+}
+
+#[test]
+fn secret_files_must_be_small_regular_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let started = std::time::Instant::now();
+    for (file, says) in [
+        (Path::new("/dev/zero"), "a device, not a regular file"),
+        (fifo.as_path(), "a FIFO, not a regular file"),
+        (dir.path(), "a directory, not a regular file"),
+    ] {
+        let err = with_secret_file(file).expect_err("not a regular file");
+        assert!(
+            err.starts_with("/etc/tokend/tokend.toml:4: profile \"p\": client_secret_file:")
+                && err.contains(says),
+            "{err}"
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "slow refusal"
+    );
+
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 100 * 1024]).expect("write");
+    let err = with_secret_file(&big).expect_err("100 KiB");
+    assert!(err.contains("larger than 64 KiB"), "{err}");
+}
+
+#[test]
+fn a_secret_file_others_can_read_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "  s3cret\n").expect("write");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let c = with_secret_file(&file).expect("valid");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let w = &c.warnings[0];
+    assert!(
+        w.contains(&file.display().to_string()) && w.contains("0644") && w.contains("chmod 600"),
+        "{w}"
+    );
+    {
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            c.profiles[0].client_secret.expose_secret(),
+            "s3cret",
+            "trimmed"
+        );
+    }
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let c = with_secret_file(&file).expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
 #[test]
 fn durations_use_humantime_syntax_and_still_need_a_unit() {
     use tokend::config::parse_duration;
