@@ -714,21 +714,8 @@ fn validate(
                 )
             })?
         } else if let Some(cred) = &p.client_secret_credential {
-            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-                perr(
-                    "client_secret_credential",
-                    "CREDENTIALS_DIRECTORY is not set: this source works under systemd with LoadCredential=".into(),
-                )
-            })?;
-            if cred.contains('/') || cred.is_empty() {
-                return Err(perr(
-                    "client_secret_credential",
-                    "must be a credential name, not a path".into(),
-                ));
-            }
-            let file = Path::new(&dir).join(cred);
-            let secret =
-                read_secret_file(&file).map_err(|e| perr("client_secret_credential", e))?;
+            let (file, secret) =
+                read_credential(cred).map_err(|e| perr("client_secret_credential", e))?;
             warn_loose_mode(&mut warnings, "client_secret_credential", &file, &secret);
             secret.text
         } else {
@@ -837,6 +824,85 @@ fn check_schedule(expr: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// The directories systemd searches for credentials (`LoadCredential=NAME` without a path,
+/// `ImportCredential=`), in its order; the encrypted ones are left out, tokend cannot decrypt.
+const SYSTEMD_CREDSTORES: [&str; 4] = [
+    "/etc/credstore",
+    "/run/credstore",
+    "/usr/local/lib/credstore",
+    "/usr/lib/credstore",
+];
+
+/// Replaces [`SYSTEMD_CREDSTORES`] (colon-separated directories) outside systemd: for tests and
+/// unusual layouts.
+const CREDSTORE_PATH_ENV: &str = "TOKEND_CREDSTORE_PATH";
+
+/// Where to look for credential `name`: `$CREDENTIALS_DIRECTORY` alone when set (the service
+/// runs under systemd, which put its credentials there), else the credential stores, so that
+/// `check-config` run by an operator finds what the service will get.
+fn credential_paths(
+    name: &str,
+    credentials_directory: Option<std::ffi::OsString>,
+    credstore_path: Option<std::ffi::OsString>,
+) -> Vec<PathBuf> {
+    if let Some(dir) = credentials_directory.filter(|d| !d.is_empty()) {
+        return vec![Path::new(&dir).join(name)];
+    }
+    match credstore_path {
+        Some(dirs) => std::env::split_paths(&dirs)
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(|d| d.join(name))
+            .collect(),
+        None => SYSTEMD_CREDSTORES
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .collect(),
+    }
+}
+
+/// Find and read credential `name`; the first place that has it wins.
+fn read_credential(name: &str) -> Result<(PathBuf, SecretFile), String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err("must be a credential name, not a path".into());
+    }
+    let candidates = credential_paths(
+        name,
+        std::env::var_os("CREDENTIALS_DIRECTORY"),
+        std::env::var_os(CREDSTORE_PATH_ENV),
+    );
+    let mut looked = Vec::new();
+    for file in candidates {
+        match std::fs::metadata(&file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                looked.push(file.display().to_string());
+            }
+            // A store this user may not search (they are root-only): say so, keep looking.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                looked.push(format!("{} (permission denied)", file.display()));
+            }
+            _ => return read_secret_file(&file).map(|secret| (file, secret)),
+        }
+    }
+    let hint = if std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| !d.is_empty()) {
+        format!(
+            "CREDENTIALS_DIRECTORY is set, so only there; add LoadCredential={name}:/path/to/secret to the unit"
+        )
+    } else {
+        format!(
+            "put it in one of these, or set CREDENTIALS_DIRECTORY (systemd) or {CREDSTORE_PATH_ENV}"
+        )
+    };
+    if looked.is_empty() {
+        return Err(format!(
+            "credential {name:?}: nowhere to look, {CREDSTORE_PATH_ENV} names no directory"
+        ));
+    }
+    Err(format!(
+        "credential {name:?} not found; looked in {}: {hint}",
+        looked.join(", ")
+    ))
 }
 
 /// Largest secret file read: a client secret is tens of bytes, and the cap keeps a wrong path
@@ -980,6 +1046,31 @@ mod tests {
         );
         let err = check_schedule("0 0 0 31 2 *", mid_2026).unwrap_err();
         assert!(err.contains("does not fire within the next year"), "{err}");
+    }
+
+    #[test]
+    fn credentials_are_looked_for_where_systemd_looks() {
+        let paths = |cd: Option<&str>, store: Option<&str>| {
+            credential_paths("c", cd.map(Into::into), store.map(Into::into))
+        };
+        assert_eq!(
+            paths(None, None),
+            [
+                "/etc/credstore/c",
+                "/run/credstore/c",
+                "/usr/local/lib/credstore/c",
+                "/usr/lib/credstore/c"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            paths(Some("/run/credentials/tokend.service"), Some("/x")),
+            [PathBuf::from("/run/credentials/tokend.service/c")]
+        );
+        assert_eq!(
+            paths(Some(""), Some("/x::/y")),
+            [PathBuf::from("/x/c"), PathBuf::from("/y/c")]
+        );
     }
 
     #[test]

@@ -474,6 +474,52 @@ fn a_secret_file_others_can_read_warns() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
+/// `tokend check-config` on the example config, outside systemd, with these credential stores.
+fn check_example_config(credstore_path: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokend.toml"),
+            "check-config",
+        ])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("TOKEND_CREDSTORE_PATH", credstore_path)
+        .output()
+        .expect("run")
+}
+
+#[test]
+fn credentials_are_found_in_the_credential_stores_outside_systemd() {
+    use std::os::unix::fs::PermissionsExt;
+    let empty = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    let search = format!("{}:{}", empty.path().display(), store.path().display());
+
+    let out = check_example_config(&search);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for dir in [empty.path(), store.path()] {
+        let place = dir.join("factorial-client-secret");
+        assert!(stderr.contains(&place.display().to_string()), "{stderr}");
+    }
+    assert!(stderr.contains("client_secret_credential"), "{stderr}");
+
+    let secret = store.path().join("factorial-client-secret");
+    std::fs::write(&secret, "s3cret\n").expect("credential");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let out = check_example_config(&search);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn durations_use_humantime_syntax_and_still_need_a_unit() {
     use tokend::config::parse_duration;
