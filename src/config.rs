@@ -981,8 +981,26 @@ fn read_secret_file(path: &Path) -> Result<SecretFile, String> {
 }
 
 impl Config {
+    /// The profile called `name`.
     pub fn profile(&self, name: &str) -> Option<&Profile> {
         self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// The only profile, when there is exactly one.
+    pub fn single_profile(&self) -> Option<&Profile> {
+        match self.profiles.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+
+    /// The profile an account or a command names: `None` or `Some("")` means the only one
+    /// (and nothing when there are several); a name looks the profile up.
+    pub fn profile_for(&self, name: Option<&str>) -> Option<&Profile> {
+        match name {
+            None | Some("") => self.single_profile(),
+            Some(name) => self.profile(name),
+        }
     }
 }
 

@@ -521,6 +521,35 @@ fn credentials_are_found_in_the_credential_stores_outside_systemd() {
 }
 
 #[test]
+fn profile_for_picks_the_named_profile_or_the_only_one() {
+    let one = parse(GOOD_PROFILE).expect("valid");
+    assert_eq!(
+        one.single_profile().map(|p| p.name.as_str()),
+        Some("factorial")
+    );
+    for name in [None, Some(""), Some("factorial")] {
+        assert_eq!(
+            one.profile_for(name).map(|p| p.name.as_str()),
+            Some("factorial"),
+            "{name:?}"
+        );
+    }
+    assert!(one.profile_for(Some("other")).is_none());
+
+    let two = parse(&format!(
+        "{GOOD_PROFILE}\n[[profile]]\nname = \"other\"\nclient_id = \"b\"\nclient_secret = \"t\"\n"
+    ))
+    .expect("valid");
+    assert!(two.single_profile().is_none());
+    assert!(two.profile_for(None).is_none());
+    assert!(two.profile_for(Some("")).is_none());
+    assert_eq!(
+        two.profile_for(Some("other")).map(|p| p.client_id.as_str()),
+        Some("b")
+    );
+}
+
+#[test]
 fn durations_use_humantime_syntax_and_still_need_a_unit() {
     use tokend::config::parse_duration;
     let secs = |s: &str| parse_duration(s).map(|d| d.as_secs_f64());
