@@ -4,7 +4,7 @@
 //! would be right. Secrets are resolved at load time (file, environment variable, or systemd
 //! credential) and kept in [`secrecy::SecretString`], whose `Debug` prints nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -24,10 +24,15 @@ pub struct ConfigError(String);
 
 impl ConfigError {
     fn at(path: &Path, line: Option<usize>, msg: impl fmt::Display) -> Self {
-        match line {
-            Some(line) => ConfigError(format!("{}:{line}: {msg}", path.display())),
-            None => ConfigError(format!("{}: {msg}", path.display())),
-        }
+        ConfigError(located(path, line, msg))
+    }
+}
+
+/// `file:line: msg`, or `file: msg` when the line is unknown: errors and warnings alike.
+fn located(path: &Path, line: Option<usize>, msg: impl fmt::Display) -> String {
+    match line {
+        Some(line) => format!("{}:{line}: {msg}", path.display()),
+        None => format!("{}: {msg}", path.display()),
     }
 }
 
@@ -87,6 +92,10 @@ pub struct DaemonConfig {
     pub revocation_confirm_delay: Dur,
     /// Spacing between two revocation probes to the same profile (its request rate limit).
     pub probe_interval: Dur,
+    /// A refresh is never due sooner than this after the token was issued (at least 1s).
+    pub min_refresh_interval: Dur,
+    /// Hard ceiling of token requests per account per hour (at least 1).
+    pub max_token_requests_per_hour: u32,
 }
 
 impl Default for DaemonConfig {
@@ -112,6 +121,8 @@ impl Default for DaemonConfig {
             revocation_schedule: "0 */15 * * * *".to_owned(),
             revocation_confirm_delay: Dur::from_secs(30),
             probe_interval: Dur(Duration::from_millis(200)),
+            min_refresh_interval: Dur::from_secs(60),
+            max_token_requests_per_hour: 30,
         }
     }
 }
@@ -191,7 +202,7 @@ pub enum ProbeKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProfile {
-    name: toml::Spanned<String>,
+    name: String,
     #[serde(default = "default_environment")]
     environment: Environment,
     #[serde(default)]
@@ -213,6 +224,12 @@ struct RawProfile {
     probe: ProbeKind,
     #[serde(default)]
     probe_url: Option<HttpUrl>,
+    #[serde(default = "default_token_lifetime")]
+    default_token_lifetime: Dur,
+    #[serde(default = "default_true")]
+    revoke_superseded: bool,
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
 fn default_environment() -> Environment {
@@ -223,6 +240,12 @@ fn default_token_type() -> TokenType {
 }
 fn default_probe() -> ProbeKind {
     ProbeKind::TokenInfo
+}
+fn default_token_lifetime() -> Dur {
+    Dur::from_secs(3600)
+}
+fn default_true() -> bool {
+    true
 }
 
 /// A connector profile: one OAuth application at Factorial.
@@ -238,6 +261,12 @@ pub struct Profile {
     pub token_type: TokenType,
     pub probe: ProbeKind,
     pub probe_url: Option<String>,
+    /// Access-token lifetime assumed when the provider's `expires_in` is missing or unusable.
+    pub default_token_lifetime: Dur,
+    /// Revoke the superseded refresh token once its rotation is stored.
+    pub revoke_superseded: bool,
+    /// Plain `http://` to a non-loopback host is accepted (with a warning).
+    pub allow_insecure_http: bool,
 }
 
 impl fmt::Debug for Profile {
@@ -251,6 +280,9 @@ impl fmt::Debug for Profile {
             .field("scopes", &self.scopes)
             .field("token_type", &self.token_type)
             .field("probe", &self.probe)
+            .field("default_token_lifetime", &self.default_token_lifetime)
+            .field("revoke_superseded", &self.revoke_superseded)
+            .field("allow_insecure_http", &self.allow_insecure_http)
             .finish()
     }
 }
@@ -271,7 +303,8 @@ impl Profile {
     }
 }
 
-/// A duration written as `30s`, `10m`, `2h`, `7d`, `500ms` or a sum such as `1h30m`.
+/// A duration written as `30s`, `10m`, `2h`, `7d`, `500ms` or a sum such as `1h30m`
+/// (see [`parse_duration`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -287,39 +320,15 @@ impl Dur {
     }
 }
 
+/// The longest duration accepted: anything beyond ten years is a typo, not a schedule.
+/// Counted in humantime's years (365.25 days), so `"10y"` itself is accepted.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// Parse a duration written with units (humantime's syntax: `"30s"`, `"1h30m"`, `"1h 30m"`,
+/// `"500ms"`, `"2weeks"`). A bare number is refused: `"10"` could mean seconds or minutes.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.checked_mul(60)?),
-            "h" => Duration::from_secs(n.checked_mul(3600)?),
-            "d" => Duration::from_secs(n.checked_mul(86_400)?),
-            _ => return None,
-        };
-        total = total.checked_add(part)?;
-    }
-    // Anything beyond ten years is a typo, not a schedule.
-    (total <= Duration::from_secs(10 * 365 * 86_400)).then_some(total)
+    let d = humantime::parse_duration(s.trim()).ok()?;
+    (d <= MAX_DURATION).then_some(d)
 }
 
 impl<'de> Deserialize<'de> for Dur {
@@ -345,10 +354,56 @@ impl<'de> Deserialize<'de> for HttpUrl {
                 Ok(HttpUrl(s.trim_end_matches('/').to_owned()))
             }
             _ => Err(serde::de::Error::custom(format!(
-                "invalid URL {s:?}: expected an absolute http(s) URL such as \"https://api.factorialhr.com\""
+                "invalid URL {:?}: expected an absolute http(s) URL such as \"https://api.factorialhr.com\"",
+                redact_userinfo(&s)
             ))),
         }
     }
+}
+
+/// `text` with the user-info part of any URL in it (`user:pass@`) replaced by `***@`, so a
+/// message can quote a line without echoing a password.
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(['/', '?', '#', '"', '\'', ' '])
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// How a URL may be used: an error (already phrased) for user info, else whether requests to
+/// it would go in cleartext over the network (plain http to a host that is not loopback).
+fn url_in_cleartext(url: &HttpUrl) -> Result<bool, String> {
+    let u = reqwest::Url::parse(&url.0).map_err(|_| "not a valid URL".to_owned())?;
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(
+            "must not carry a user name or password (`user:pass@`): the client authenticates with client_id and its client secret; remove them from the URL".into(),
+        );
+    }
+    let loopback = match u.host_str() {
+        Some(host) => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
+    };
+    Ok(u.scheme() == "http" && !loopback)
 }
 
 impl Config {
@@ -375,16 +430,30 @@ impl Config {
     }
 
     fn parse_with(path: &Path, text: &str, resolve_secrets: bool) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let toml_err = |e: toml::de::Error| {
             let line = e.span().map(|s| line_of(text, s.start));
             let msg = e.message().trim().to_owned();
             let context = line
                 .and_then(|l| text.lines().nth(l - 1))
-                .map(|l| format!(" (at `{}`)", l.trim()))
+                .map(|l| format!(" (at `{}`)", quotable(l)))
                 .unwrap_or_default();
             ConfigError::at(path, line, format!("{msg}{context}"))
-        })?;
-        validate(path, text, raw, resolve_secrets)
+        };
+        // Parse once into the spanned document: its spans give the lines of errors found after
+        // deserialising, and the typed config is deserialised from the same document.
+        let doc = toml::de::DeTable::parse(text).map_err(toml_err)?;
+        let lines = KeyLines::new(text, doc.get_ref());
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc)).map_err(toml_err)?;
+        validate(path, &lines, raw, resolve_secrets, chrono::Utc::now())
+    }
+}
+
+/// A config line as an error may quote it: never an inline secret's value or a URL's password.
+fn quotable(line: &str) -> String {
+    let line = line.trim();
+    match line.strip_prefix("client_secret") {
+        Some(rest) if rest.trim_start().starts_with('=') => "client_secret = …".to_owned(),
+        _ => redact_userinfo(line),
     }
 }
 
@@ -392,16 +461,77 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The line of every key of `[daemon]` and of each `[[profile]]`, taken from the TOML parser's
+/// spans, for errors found after deserialising. A key that appears in several tables (or
+/// inside a string) is found in the table it belongs to.
+#[derive(Debug, Default)]
+struct KeyLines {
+    daemon: HashMap<String, usize>,
+    profiles: Vec<ProfileLines>,
+}
+
+#[derive(Debug, Default)]
+struct ProfileLines {
+    /// Where the table starts (its `[[profile]]` header), when it has no `name` line.
+    start: Option<usize>,
+    keys: HashMap<String, usize>,
+}
+
+impl KeyLines {
+    fn new(text: &str, doc: &toml::de::DeTable<'_>) -> KeyLines {
+        let keys_of = |table: &toml::de::DeTable<'_>| {
+            table
+                .iter()
+                .map(|(k, _)| (k.get_ref().to_string(), line_of(text, k.span().start)))
+                .collect::<HashMap<_, _>>()
+        };
+        let daemon = match doc.get("daemon").map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Table(t)) => keys_of(t),
+            _ => HashMap::new(),
+        };
+        let profiles = match doc.get("profile").map(|v| v.get_ref()) {
+            Some(toml::de::DeValue::Array(items)) => items
+                .iter()
+                .map(|item| match item.get_ref() {
+                    toml::de::DeValue::Table(t) => ProfileLines {
+                        start: Some(line_of(text, item.span().start)),
+                        keys: keys_of(t),
+                    },
+                    _ => ProfileLines::default(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        KeyLines { daemon, profiles }
+    }
+
+    /// The line of the first of `keys` written in `[daemon]`.
+    fn daemon(&self, keys: &[&str]) -> Option<usize> {
+        keys.iter().find_map(|k| self.daemon.get(*k).copied())
+    }
+
+    /// The line of `key` in the `index`th profile, else of its `name`, else of its header.
+    fn profile(&self, index: usize, key: &str) -> Option<usize> {
+        let p = self.profiles.get(index)?;
+        p.keys
+            .get(key)
+            .or_else(|| p.keys.get("name"))
+            .copied()
+            .or(p.start)
+    }
+}
+
 fn validate(
     path: &Path,
-    text: &str,
+    lines: &KeyLines,
     raw: RawConfig,
     resolve_secrets: bool,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Config, ConfigError> {
     let d = &raw.daemon;
     let mut warnings = Vec::new();
     let daemon_err = |key: &str, msg: &str| {
-        let line = find_key_line(text, key);
+        let line = lines.daemon(&[key]);
         ConfigError::at(path, line, format!("daemon.{key}: {msg}"))
     };
     if d.refresh_lead.get() < Duration::from_secs(1) {
@@ -415,6 +545,27 @@ fn validate(
     }
     if d.http_timeout.get().is_zero() || d.http_connect_timeout.get().is_zero() {
         return Err(daemon_err("http_timeout", "timeouts must be above zero"));
+    }
+    if d.shutdown_timeout < d.http_timeout {
+        return Err(ConfigError::at(
+            path,
+            lines.daemon(&["shutdown_timeout", "http_timeout"]),
+            format!(
+                "daemon.shutdown_timeout ({}) is shorter than http_timeout ({}): in-flight refreshes could be abandoned with their rotated tokens; make it at least http_timeout",
+                humantime::format_duration(d.shutdown_timeout.get()),
+                humantime::format_duration(d.http_timeout.get()),
+            ),
+        ));
+    }
+    if d.refresh_lead.get() > Duration::from_secs(30 * 60) {
+        warnings.push(located(
+            path,
+            lines.daemon(&["refresh_lead"]),
+            format!(
+                "daemon.refresh_lead ({}) is longer than half of Factorial's documented 1 h lifetime: tokend clamps the lead per token to at most half the token's lifetime",
+                humantime::format_duration(d.refresh_lead.get()),
+            ),
+        ));
     }
     if d.lease.get() <= d.http_timeout.get() {
         return Err(daemon_err(
@@ -431,17 +582,15 @@ fn validate(
             "must be shorter than refresh_token_lifetime",
         ));
     }
-    if tokio_cron_scheduler::Job::new_async(d.revocation_schedule.as_str(), |_, _| {
-        Box::pin(async {})
-    })
-    .is_err()
-    {
+    check_schedule(&d.revocation_schedule, now)
+        .map_err(|msg| daemon_err("revocation_schedule", &msg))?;
+    if d.min_refresh_interval.get() < Duration::from_secs(1) {
+        return Err(daemon_err("min_refresh_interval", "must be at least 1s"));
+    }
+    if d.max_token_requests_per_hour == 0 {
         return Err(daemon_err(
-            "revocation_schedule",
-            &format!(
-                "invalid cron expression {:?}: use six fields with seconds, e.g. \"0 */15 * * * *\"",
-                d.revocation_schedule
-            ),
+            "max_token_requests_per_hour",
+            "must be at least 1, or no account could ever be refreshed",
         ));
     }
     if d.revocation_confirm_delay.get() < Duration::from_secs(30) {
@@ -460,10 +609,10 @@ fn validate(
 
     let mut names = HashSet::new();
     let mut profiles = Vec::with_capacity(raw.profiles.len());
-    for p in raw.profiles {
-        let line = Some(line_of(text, p.name.span().start));
-        let name = p.name.into_inner();
+    for (index, p) in raw.profiles.into_iter().enumerate() {
+        let name = p.name.clone();
         let perr = |key: &str, msg: String| {
+            let line = lines.profile(index, key);
             ConfigError::at(path, line, format!("profile {name:?}: {key}: {msg}"))
         };
         if name.is_empty()
@@ -485,27 +634,78 @@ fn validate(
         if p.client_id.trim().is_empty() {
             return Err(perr("client_id", "must not be empty".into()));
         }
-        let sources = [
-            p.client_secret_file.is_some(),
-            p.client_secret_env.is_some(),
-            p.client_secret_credential.is_some(),
-            p.client_secret.is_some(),
+        for (key, url) in [("base_url", &p.base_url), ("probe_url", &p.probe_url)] {
+            let Some(url) = url else { continue };
+            let cleartext = url_in_cleartext(url).map_err(|e| perr(key, e))?;
+            if cleartext && !p.allow_insecure_http {
+                return Err(perr(
+                    key,
+                    format!(
+                        "{:?} is plain http to a host that is not loopback: the client secret and tokens would travel in cleartext; use https://, or set allow_insecure_http = true in this profile",
+                        url.0
+                    ),
+                ));
+            }
+            if cleartext {
+                let carried = if key == "base_url" {
+                    "the client secret and tokens travel"
+                } else {
+                    "the access tokens it probes travel"
+                };
+                warnings.push(located(
+                    path,
+                    lines.profile(index, key),
+                    format!(
+                        "profile {name:?}: {key} {:?} is plain http (allow_insecure_http = true): {carried} in cleartext",
+                        url.0
+                    ),
+                ));
+            }
+        }
+        let sources: Vec<&str> = [
+            ("client_secret_file", p.client_secret_file.is_some()),
+            ("client_secret_env", p.client_secret_env.is_some()),
+            (
+                "client_secret_credential",
+                p.client_secret_credential.is_some(),
+            ),
+            ("client_secret", p.client_secret.is_some()),
         ]
-        .iter()
-        .filter(|x| **x)
-        .count();
-        if sources != 1 {
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect();
+        if sources.len() != 1 {
+            // Point at the second source when there are two, else at the profile.
             return Err(perr(
-                "client_secret_file",
+                sources.get(1).copied().unwrap_or("client_secret_file"),
                 format!(
-                    "give exactly one client secret source (client_secret_file, client_secret_env, client_secret_credential or client_secret); found {sources}"
+                    "give exactly one client secret source (client_secret_file, client_secret_env, client_secret_credential or client_secret); found {}",
+                    sources.len()
                 ),
             ));
         }
+        let warn_loose_mode = |warnings: &mut Vec<String>,
+                               key: &str,
+                               file: &Path,
+                               secret: &SecretFile| {
+            if let Some(mode) = secret.loose_mode {
+                warnings.push(located(
+                        path,
+                        lines.profile(index, key),
+                        format!(
+                            "profile {name:?}: {key}: {} has mode {mode:04o}, so users other than its owner may read the client secret: chmod 600 {}",
+                            file.display(),
+                            file.display()
+                        ),
+                    ));
+            }
+        };
         let secret = if !resolve_secrets {
             "unresolved".to_owned()
         } else if let Some(file) = &p.client_secret_file {
-            read_secret_file(file).map_err(|e| perr("client_secret_file", e))?
+            let secret = read_secret_file(file).map_err(|e| perr("client_secret_file", e))?;
+            warn_loose_mode(&mut warnings, "client_secret_file", file, &secret);
+            secret.text
         } else if let Some(var) = &p.client_secret_env {
             std::env::var(var).map_err(|_| {
                 perr(
@@ -514,24 +714,17 @@ fn validate(
                 )
             })?
         } else if let Some(cred) = &p.client_secret_credential {
-            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-                perr(
-                    "client_secret_credential",
-                    "CREDENTIALS_DIRECTORY is not set: this source works under systemd with LoadCredential=".into(),
-                )
-            })?;
-            if cred.contains('/') || cred.is_empty() {
-                return Err(perr(
-                    "client_secret_credential",
-                    "must be a credential name, not a path".into(),
-                ));
-            }
-            read_secret_file(&Path::new(&dir).join(cred))
-                .map_err(|e| perr("client_secret_credential", e))?
+            let (file, secret) =
+                read_credential(cred).map_err(|e| perr("client_secret_credential", e))?;
+            warn_loose_mode(&mut warnings, "client_secret_credential", &file, &secret);
+            secret.text
         } else {
-            warnings.push(format!(
-                "{}: profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential",
-                path.display()
+            warnings.push(located(
+                path,
+                lines.profile(index, "client_secret"),
+                format!(
+                    "profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential"
+                ),
             ));
             p.client_secret.clone().unwrap_or_default()
         };
@@ -542,6 +735,13 @@ fn validate(
             return Err(perr(
                 "probe_url",
                 "probe = \"url\" needs probe_url = \"https://...\"".into(),
+            ));
+        }
+        if p.default_token_lifetime.get() < Duration::from_secs(60) {
+            return Err(perr(
+                "default_token_lifetime",
+                "must be at least 60s: it stands in for a token lifetime the provider did not give"
+                    .into(),
             ));
         }
         let base_url = match (&p.base_url, p.environment) {
@@ -559,6 +759,9 @@ fn validate(
             token_type: p.token_type,
             probe: p.probe,
             probe_url: p.probe_url.map(|u| u.0),
+            default_token_lifetime: p.default_token_lifetime,
+            revoke_superseded: p.revoke_superseded,
+            allow_insecure_http: p.allow_insecure_http,
         });
     }
     Ok(Config {
@@ -569,24 +772,235 @@ fn validate(
     })
 }
 
-fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+/// Check a revocation schedule as tokio-cron-scheduler will run it (six fields with seconds,
+/// day-of-month and day-of-week both required to match, UTC): it must fire within a year of
+/// `now`, and never twice within a minute, since every run probes every company token.
+fn check_schedule(expr: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(), String> {
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr)
+        .map_err(|_| {
+            format!(
+                "invalid cron expression {expr:?}: use six fields with seconds, e.g. \"0 */15 * * * *\""
+            )
+        })?;
+    let next: Vec<_> = cron.iter_after(now).take(3).collect();
+    let listed = || {
+        next.iter()
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // A year from any instant, leap day included, is at most 366 days.
+    let Some(first) = next
+        .first()
+        .filter(|t| **t <= now + chrono::TimeDelta::days(366))
+    else {
+        let found = if next.is_empty() {
+            "no fire time found".to_owned()
+        } else {
+            format!("next: {}", listed())
+        };
+        return Err(format!(
+            "{expr:?} does not fire within the next year ({found}): revoked company tokens would go unnoticed; e.g. \"0 */15 * * * *\""
+        ));
+    };
+    // The seconds field is independent of the others: every minute the schedule fires in, it
+    // fires at each second it lists. So two listed seconds mean two firings under a minute
+    // apart, however rarely the minute comes round ("0,30 0 0 1 1 *").
+    let minute = *first - chrono::TimeDelta::seconds(i64::from(chrono::Timelike::second(first)));
+    let per_minute = (0..60)
+        .filter(|s| {
+            cron.is_time_matching(&(minute + chrono::TimeDelta::seconds(*s)))
+                .unwrap_or(false)
+        })
+        .count();
+    if per_minute > 1 {
+        return Err(format!(
+            "{expr:?} fires more often than once a minute ({per_minute} times in each minute it runs; next: {}): every run probes every company token; give the seconds field one value, e.g. \"0 */15 * * * *\"",
+            listed()
+        ));
+    }
+    Ok(())
 }
 
-/// The line of `key = ...` in the file, for errors found after parsing.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start();
-            l.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
+/// The directories systemd searches for credentials (`LoadCredential=NAME` without a path,
+/// `ImportCredential=`), in its order; the encrypted ones are left out, tokend cannot decrypt.
+const SYSTEMD_CREDSTORES: [&str; 4] = [
+    "/etc/credstore",
+    "/run/credstore",
+    "/usr/local/lib/credstore",
+    "/usr/lib/credstore",
+];
+
+/// Replaces [`SYSTEMD_CREDSTORES`] (colon-separated directories) outside systemd: for tests and
+/// unusual layouts.
+const CREDSTORE_PATH_ENV: &str = "TOKEND_CREDSTORE_PATH";
+
+/// Where to look for credential `name`: `$CREDENTIALS_DIRECTORY` alone when set (the service
+/// runs under systemd, which put its credentials there), else the credential stores, so that
+/// `check-config` run by an operator finds what the service will get.
+fn credential_paths(
+    name: &str,
+    credentials_directory: Option<std::ffi::OsString>,
+    credstore_path: Option<std::ffi::OsString>,
+) -> Vec<PathBuf> {
+    if let Some(dir) = credentials_directory.filter(|d| !d.is_empty()) {
+        return vec![Path::new(&dir).join(name)];
+    }
+    match credstore_path {
+        Some(dirs) => std::env::split_paths(&dirs)
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(|d| d.join(name))
+            .collect(),
+        None => SYSTEMD_CREDSTORES
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .collect(),
+    }
+}
+
+/// Find and read credential `name`; the first place that has it wins.
+fn read_credential(name: &str) -> Result<(PathBuf, SecretFile), String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err("must be a credential name, not a path".into());
+    }
+    let candidates = credential_paths(
+        name,
+        std::env::var_os("CREDENTIALS_DIRECTORY"),
+        std::env::var_os(CREDSTORE_PATH_ENV),
+    );
+    let mut looked = Vec::new();
+    for file in candidates {
+        match std::fs::metadata(&file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                looked.push(file.display().to_string());
+            }
+            // A store this user may not search (they are root-only): say so, keep looking.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                looked.push(format!("{} (permission denied)", file.display()));
+            }
+            _ => return read_secret_file(&file).map(|secret| (file, secret)),
+        }
+    }
+    let hint = if std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| !d.is_empty()) {
+        format!(
+            "CREDENTIALS_DIRECTORY is set, so only there; add LoadCredential={name}:/path/to/secret to the unit"
+        )
+    } else {
+        format!(
+            "put it in one of these, or set CREDENTIALS_DIRECTORY (systemd) or {CREDSTORE_PATH_ENV}"
+        )
+    };
+    if looked.is_empty() {
+        return Err(format!(
+            "credential {name:?}: nowhere to look, {CREDSTORE_PATH_ENV} names no directory"
+        ));
+    }
+    Err(format!(
+        "credential {name:?} not found; looked in {}: {hint}",
+        looked.join(", ")
+    ))
+}
+
+/// Largest secret file read: a client secret is tens of bytes, and the cap keeps a wrong path
+/// (a log file, a disk image) from being read into memory.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
+
+/// A secret read from a file, trimmed.
+struct SecretFile {
+    text: String,
+    /// Permission bits, when the file's group or others have any access to it.
+    loose_mode: Option<u32>,
+}
+
+/// Read a secret file: a regular file of at most [`MAX_SECRET_BYTES`], never blocking (a FIFO
+/// or a device is refused, not opened for reading).
+fn read_secret_file(path: &Path) -> Result<SecretFile, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    let shown = path.display();
+    let not_regular = |t: std::fs::FileType| {
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a plain file"
+        };
+        format!("{shown} is {kind}, not a regular file: point it at a file holding only the secret")
+    };
+    let cannot_read = |e: std::io::Error| format!("cannot read {shown}: {e}");
+    // Look before opening: opening a FIFO for reading would wait for a writer.
+    let meta = std::fs::metadata(path).map_err(cannot_read)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    // O_NONBLOCK in case the path was swapped for a FIFO since; no effect on a regular file.
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::NONBLOCK
+        | rustix::fs::OFlags::NOCTTY
+        | rustix::fs::OFlags::CLOEXEC;
+    let file = std::fs::File::from(
+        rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+            .map_err(|e| cannot_read(e.into()))?,
+    );
+    let meta = file.metadata().map_err(cannot_read)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let too_large = || {
+        format!(
+            "{shown} is larger than {} KiB: a client secret is a short string; is this the right file?",
+            MAX_SECRET_BYTES / 1024
+        )
+    };
+    if meta.len() > MAX_SECRET_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(too_large());
+    }
+    let text = String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    Ok(SecretFile {
+        text: text.trim().to_owned(),
+        loose_mode: (mode & 0o077 != 0).then_some(mode),
+    })
 }
 
 impl Config {
+    /// The profile called `name`.
     pub fn profile(&self, name: &str) -> Option<&Profile> {
         self.profiles.iter().find(|p| p.name == name)
+    }
+
+    /// The only profile, when there is exactly one.
+    pub fn single_profile(&self) -> Option<&Profile> {
+        match self.profiles.as_slice() {
+            [only] => Some(only),
+            _ => None,
+        }
+    }
+
+    /// The profile an account or a command names: `None` or `Some("")` means the only one
+    /// (and nothing when there are several); a name looks the profile up.
+    pub fn profile_for(&self, name: Option<&str>) -> Option<&Profile> {
+        match name {
+            None | Some("") => self.single_profile(),
+            Some(name) => self.profile(name),
+        }
     }
 }
 
@@ -605,5 +1019,88 @@ mod tests {
         assert_eq!(parse_duration("10x"), None);
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("99999999999999999999d"), None);
+        assert_eq!(parse_duration("10y"), Some(MAX_DURATION));
+        assert_eq!(parse_duration("3653d"), None, "over the ten-year ceiling");
+    }
+
+    #[test]
+    fn schedules_fire_within_a_year_and_at_most_once_a_minute() {
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.to_utc())
+                .unwrap_or_default()
+        };
+        let mid_2026 = at("2026-06-01T12:00:00Z");
+        for ok in [
+            "0 */15 * * * *",
+            "0 * * * * *",
+            "0 0 0 1 1 *",
+            "59 59 23 31 12 *",
+        ] {
+            assert_eq!(check_schedule(ok, mid_2026), Ok(()), "{ok}");
+        }
+        // On 1 January just after midnight the next firing is a whole year away: still fine.
+        assert_eq!(
+            check_schedule("0 0 0 1 1 *", at("2028-01-01T00:00:01Z")),
+            Ok(())
+        );
+        // A leap day: more than a year away from mid-2026, within a year from mid-2027.
+        assert!(check_schedule("0 0 0 29 2 *", mid_2026).is_err());
+        assert_eq!(
+            check_schedule("0 0 0 29 2 *", at("2027-06-01T00:00:00Z")),
+            Ok(())
+        );
+        let err = check_schedule("*/10 * * * * *", mid_2026).unwrap_err();
+        assert!(
+            err.contains("next: 2026-06-01T12:00:10Z, 2026-06-01T12:00:20Z, 2026-06-01T12:00:30Z"),
+            "{err}"
+        );
+        // Twice in one minute a year: still twice within a minute.
+        let err = check_schedule("0,30 0 0 1 1 *", mid_2026).unwrap_err();
+        assert!(err.contains("2 times in each minute"), "{err}");
+        assert!(
+            err.contains("2027-01-01T00:00:00Z, 2027-01-01T00:00:30Z, 2028-01-01T00:00:00Z"),
+            "{err}"
+        );
+        let err = check_schedule("0 0 0 31 2 *", mid_2026).unwrap_err();
+        assert!(err.contains("does not fire within the next year"), "{err}");
+    }
+
+    #[test]
+    fn credentials_are_looked_for_where_systemd_looks() {
+        let paths = |cd: Option<&str>, store: Option<&str>| {
+            credential_paths("c", cd.map(Into::into), store.map(Into::into))
+        };
+        assert_eq!(
+            paths(None, None),
+            [
+                "/etc/credstore/c",
+                "/run/credstore/c",
+                "/usr/local/lib/credstore/c",
+                "/usr/lib/credstore/c"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(
+            paths(Some("/run/credentials/tokend.service"), Some("/x")),
+            [PathBuf::from("/run/credentials/tokend.service/c")]
+        );
+        assert_eq!(
+            paths(Some(""), Some("/x::/y")),
+            [PathBuf::from("/x/c"), PathBuf::from("/y/c")]
+        );
+    }
+
+    #[test]
+    fn user_info_is_redacted() {
+        assert_eq!(
+            redact_userinfo(r#"base_url = "https://u:p@x.test/a@b" # or http://v@y"#),
+            r#"base_url = "https://***@x.test/a@b" # or http://***@y"#
+        );
+        assert_eq!(
+            redact_userinfo("https://x.test/?q=a@b"),
+            "https://x.test/?q=a@b"
+        );
+        assert_eq!(redact_userinfo("no url here"), "no url here");
     }
 }
