@@ -787,6 +787,9 @@ mod tests {
             token_type: TokenType::User,
             probe,
             probe_url: Some(format!("{base_url}/api/me")),
+            default_token_lifetime: Dur::from_secs(3600),
+            revoke_superseded: true,
+            allow_insecure_http: true,
         }
     }
 
@@ -898,7 +901,7 @@ mod tests {
             (ProbeKind::Url, "probe_url"),
         ] {
             assert_eq!(
-                p.probe(&profile(&base, kind), &token).await,
+                p.probe(&profile(&base, kind), &token, NOW).await,
                 ProbeOutcome::Misconfigured(format!(
                     "http 302: redirect to https://evil.example refused: tokend never follows \
                      redirects from a probe; fix {setting}"
@@ -979,7 +982,7 @@ mod tests {
         let mut probe = profile(&format!("http://{addr}"), ProbeKind::Url);
         probe.probe_url = Some(format!("http://{addr}/api/me?api_key=secret"));
         assert_eq!(
-            p.probe(&probe, &SecretString::from("a1")).await,
+            p.probe(&probe, &SecretString::from("a1"), NOW).await,
             ProbeOutcome::Transient {
                 reason: format!("connection refused ({addr})"),
                 retry_after: None
@@ -1200,6 +1203,7 @@ mod tests {
             .probe(
                 &profile(&base, ProbeKind::TokenInfo),
                 &SecretString::from("a1-access"),
+                NOW,
             )
             .await;
         assert_eq!(

@@ -5,7 +5,6 @@
 //! gives its `-wal` and `-shm` files the database file's mode.
 
 use std::path::Path;
-use std::time::Duration;
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Transaction};
@@ -468,7 +467,3 @@ fn describe(v: ValueRef<'_>) -> String {
     }
 }
 
-/// The busy timeout, for callers that open their own connection (tests do).
-pub fn busy_timeout() -> Duration {
-    BUSY_TIMEOUT
-}
