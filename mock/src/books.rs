@@ -34,6 +34,20 @@ pub struct Totals {
     pub concurrent_same_account: u64,
 }
 
+/// One answered request, any endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Request {
+    /// Unix ms (of the mock's clock) when it was answered; for faults that never answer
+    /// (`Hang`, `Drop`), when it arrived.
+    pub ms: i64,
+    pub endpoint: Endpoint,
+    /// `0` when no complete answer was sent (`Fault::Hang`, `Fault::Drop`).
+    pub status: u16,
+    /// The account the presented token (refresh or access, live, or a dead refresh token)
+    /// belongs to.
+    pub account: Option<String>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Rec {
     pub(crate) account: u32,
@@ -67,6 +81,8 @@ pub(crate) struct Inner {
     pub(crate) also_accepted: Option<String>,
     /// Per grant: how long before the presented pair's access token expired it came (ms).
     pub(crate) headroom_ms: Vec<i64>,
+    /// Every answer of every endpoint: (unix ms, endpoint, status, account).
+    pub(crate) requests: Vec<(i64, Endpoint, u16, Option<u32>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +166,20 @@ impl Inner {
             self.by_refresh.remove(&r);
             self.dead_refresh.insert(r, rec.account);
         }
+    }
+
+    /// The account a token (access or refresh, live or a dead refresh token) belongs to.
+    pub(crate) fn token_account(&self, token: &str) -> Option<u32> {
+        let live = |access: &str| self.records.get(access).map(|r| r.account);
+        live(token)
+            .or_else(|| self.by_refresh.get(token).and_then(|a| live(a)))
+            .or_else(|| self.dead_refresh.get(token).copied())
+    }
+
+    /// Enters one answer in the request log.
+    pub(crate) fn log_request(&mut self, endpoint: Endpoint, status: u16, account: Option<u32>) {
+        let now = self.now_ms();
+        self.requests.push((now, endpoint, status, account));
     }
 
     pub(crate) fn access_valid(&self, access: &str, now: i64) -> Option<&Rec> {

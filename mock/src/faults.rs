@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response};
 use crate::books::random_token;
 use crate::oauth::invalid_token;
 
-/// A fault the mock can answer with instead of doing its job.
+/// A fault the mock can answer with instead of doing its job. All but `Delay` answer without
+/// touching the server's records.
 #[derive(Debug, Clone)]
 pub enum Fault {
     /// This status with a small body, and `Retry-After` when given (seconds or an HTTP date).
@@ -18,7 +19,8 @@ pub enum Fault {
         code: u16,
         retry_after: Option<String>,
     },
-    /// Wait, then answer normally (a slow but working server).
+    /// Wait, then answer normally (a slow but working server). The wait and the work happen even
+    /// if the client hangs up meanwhile, as on a real server that has received the request.
     Delay(Duration),
     /// Wait, then drop the connection without doing anything.
     Hang(Duration),
@@ -38,13 +40,30 @@ pub enum Fault {
     Trickle(Duration),
     /// `401 invalid_token`, as token/info answers for a dead token.
     InvalidToken,
+    /// This status (301, 302, 303, 307 or 308) with `Location: <location>` and an empty body,
+    /// without doing the work. A client that follows it sends its request elsewhere.
+    Redirect { status: u16, location: String },
 }
 
-/// Which endpoint a fault plan applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+impl Fault {
+    /// Whether the server still does its real work (and so changes its records) under this
+    /// fault; every other fault answers instead of the work.
+    pub(crate) fn does_the_work(&self) -> bool {
+        matches!(self, Fault::Delay(_))
+    }
+}
+
+/// Which endpoint a fault plan applies to (and a request in [`crate::Request`] went to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum Endpoint {
+    /// `POST /oauth/token`
     Token,
+    /// `GET /oauth/token/info`
     TokenInfo,
+    /// `POST /oauth/introspect`
+    Introspect,
+    /// `POST /oauth/revoke`
+    Revoke,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -55,8 +74,8 @@ pub(crate) struct FaultPlan {
     pub(crate) outage: bool,
 }
 
-/// Returns the faulty response, or `None` to answer normally after a delay.
-pub(crate) async fn apply_fault(f: Fault, now_s: i64) -> Option<Response> {
+/// The answer to a fault that does not do the work (`Delay` and `Odd200` are the caller's).
+pub(crate) async fn answer_fault(f: Fault, now_s: i64) -> Response {
     let body_200 = |b: Body| {
         let mut r = Response::new(b);
         r.headers_mut().insert(
@@ -65,7 +84,7 @@ pub(crate) async fn apply_fault(f: Fault, now_s: i64) -> Option<Response> {
         );
         r
     };
-    Some(match f {
+    match f {
         Fault::Status { code, retry_after } => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut r = (status, "<html><body>Service Unavailable</body></html>").into_response();
@@ -74,10 +93,21 @@ pub(crate) async fn apply_fault(f: Fault, now_s: i64) -> Option<Response> {
             }
             r
         }
-        Fault::Delay(d) => {
-            tokio::time::sleep(d).await;
-            return None;
+        Fault::Redirect { status, location } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = status;
+            if let Ok(l) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, l);
+            }
+            r
         }
+        // The work is the caller's; answering it here would skip it.
+        Fault::Delay(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "mock: fault answered out of place",
+        )
+            .into_response(),
         Fault::Hang(d) => {
             tokio::time::sleep(d).await;
             broken_body()
@@ -108,7 +138,12 @@ pub(crate) async fn apply_fault(f: Fault, now_s: i64) -> Option<Response> {
             });
             body_200(Body::from_stream(stream))
         }
-    })
+    }
+}
+
+/// Faults after which no complete HTTP answer reaches the client.
+pub(crate) fn leaves_no_answer(f: &Fault) -> bool {
+    matches!(f, Fault::Hang(_) | Fault::Drop)
 }
 
 fn broken_body() -> Response {

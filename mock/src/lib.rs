@@ -6,18 +6,22 @@
 //! previous one had expired). It can inject faults per request or by rate.
 //!
 //! Layout: `config` (modes, clock), `books` (the server's records and its accounting), `faults`
-//! (what can go wrong and how it is answered), `oauth` (the Doorkeeper endpoints), `provider`
-//! (the running server and what tests ask of it).
+//! (what can go wrong and how it is answered), `serve` (work that outlives the client), the
+//! endpoints (`token`, `oauth` for introspect and revoke, `bearer` for token/info), and
+//! `provider` (the running server and what tests ask of it).
 
 #![forbid(unsafe_code)]
 
+mod bearer;
 mod books;
 mod config;
 mod faults;
 mod oauth;
 mod provider;
+mod serve;
+mod token;
 
-pub use books::{AccountStats, Issued, Totals};
+pub use books::{AccountStats, Issued, Request, Totals};
 pub use config::{MockClock, MockConfig, Rotation};
 pub use faults::{Endpoint, Fault};
 pub use provider::MockProvider;

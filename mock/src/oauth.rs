@@ -1,7 +1,7 @@
-//! The Doorkeeper endpoints: token, token/info, introspect, revoke.
+//! What every Doorkeeper endpoint shares (request parameters, error answers, fault handling),
+//! and the two client-credential endpoints: introspect and revoke.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -9,11 +9,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::books::{Inner, lock};
-use crate::config::Rotation;
-use crate::faults::{Endpoint, apply_fault};
+use crate::faults::{Endpoint, Fault, answer_fault, leaves_no_answer};
 use crate::provider::AppState;
+use crate::serve::carry_out;
 
-fn params(headers: &HeaderMap, query: Option<String>, body: &Bytes) -> HashMap<String, String> {
+pub(crate) fn params(
+    headers: &HeaderMap,
+    query: Option<String>,
+    body: &Bytes,
+) -> HashMap<String, String> {
     let mut out: HashMap<String, String> = query
         .as_deref()
         .and_then(|q| serde_urlencoded::from_str(q).ok())
@@ -36,10 +40,10 @@ fn params(headers: &HeaderMap, query: Option<String>, body: &Bytes) -> HashMap<S
     out
 }
 
-const INVALID_GRANT: &str = "The provided authorization grant is invalid, expired, revoked, does not match the redirection URI used in the authorization request, or was issued to another client.";
-const INVALID_CLIENT: &str = "Client authentication failed due to unknown client, no client authentication included, or unsupported authentication method.";
+pub(crate) const INVALID_GRANT: &str = "The provided authorization grant is invalid, expired, revoked, does not match the redirection URI used in the authorization request, or was issued to another client.";
+pub(crate) const INVALID_CLIENT: &str = "Client authentication failed due to unknown client, no client authentication included, or unsupported authentication method.";
 
-fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
+pub(crate) fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     let body = serde_json::json!({"error": error, "error_description": description});
     let mut r = (status, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!(
@@ -50,7 +54,7 @@ fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response {
     r
 }
 
-fn json_200(body: serde_json::Value) -> Response {
+pub(crate) fn json_200(body: serde_json::Value) -> Response {
     let mut r = Response::new(Body::from(body.to_string()));
     let h = r.headers_mut();
     h.insert(
@@ -62,271 +66,57 @@ fn json_200(body: serde_json::Value) -> Response {
     r
 }
 
-/// Decrements the in-flight counters however the handler ends (including a dropped connection).
-struct InFlight {
+/// Draws `endpoint`'s fault for a request presenting `token`: answers the fault if it replaces
+/// the work, else carries out `work`. Either way the answer goes into the request log.
+pub(crate) async fn handle<W>(
     state: AppState,
+    endpoint: Endpoint,
+    token: Option<&str>,
+    work: W,
+) -> Response
+where
+    W: FnOnce(&mut Inner) -> Response + Send + 'static,
+{
+    let (fault, account, now_s) = {
+        let mut g = lock(&state.inner);
+        let account = token.and_then(|t| g.token_account(t));
+        (g.take_fault(endpoint), account, g.now_ms() / 1000)
+    };
+    let delay = match fault {
+        Some(f) if !f.does_the_work() => {
+            return answer_logged(&state, endpoint, account, f, now_s).await;
+        }
+        Some(Fault::Delay(d)) => Some(d),
+        _ => None,
+    };
+    let st = state.clone();
+    carry_out(delay, move || {
+        let mut g = lock(&st.inner);
+        let r = work(&mut g);
+        g.log_request(endpoint, r.status().as_u16(), account);
+        r
+    })
+    .await
+}
+
+/// Answers a fault that replaces the work, and logs it: on arrival if it will never answer
+/// (the client may be gone before it would), else when answered.
+pub(crate) async fn answer_logged(
+    state: &AppState,
+    endpoint: Endpoint,
     account: Option<u32>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.state.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if let Some(a) = self.account {
-            let mut g = lock(&self.state.inner);
-            if let Some(n) = g.in_flight_accounts.get_mut(&a) {
-                *n -= 1;
-                if *n == 0 {
-                    g.in_flight_accounts.remove(&a);
-                }
-            }
-        }
-    }
-}
-
-pub(crate) async fn token(
-    State(state): State<AppState>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
+    fault: Fault,
+    now_s: i64,
 ) -> Response {
-    let p = params(&headers, query, &body);
-    let n = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    let mut guard = InFlight {
-        state: state.clone(),
-        account: None,
-    };
-    let fault = {
-        let mut g = lock(&state.inner);
-        g.totals.token_requests += 1;
-        g.totals.max_in_flight = g.totals.max_in_flight.max(n);
-        let account = p
-            .get("refresh_token")
-            .and_then(|r| g.by_refresh.get(r).and_then(|a| g.records.get(a)))
-            .map(|rec| rec.account);
-        if let Some(a) = account {
-            let c = g.in_flight_accounts.entry(a).or_insert(0);
-            *c += 1;
-            if *c > 1 {
-                g.totals.concurrent_same_account += 1;
-            }
-            guard.account = Some(a);
-        }
-        let f = g.take_fault(Endpoint::Token);
-        if f.is_some() {
-            g.totals.faults += 1;
-        }
-        f
-    };
-    let account = guard.account;
-    let record = |r: Response| {
-        let mut g = lock(&state.inner);
-        let now = g.now_ms();
-        g.log.push((now, r.status().as_u16(), account));
-        r
-    };
-    let now_s = lock(&state.inner).now_ms() / 1000;
-    if let Some(f) = fault
-        && let Some(r) = apply_fault(f, now_s).await
-    {
-        return record(r);
+    let silent = leaves_no_answer(&fault);
+    if silent {
+        lock(&state.inner).log_request(endpoint, 0, account);
     }
-    let r = exchange(&state, &p);
-    drop(guard);
-    record(r)
-}
-
-fn exchange(state: &AppState, p: &HashMap<String, String>) -> Response {
-    let mut g = lock(&state.inner);
-    let client_id = p.get("client_id");
-    let secret = p.get("client_secret");
-    let fail = |g: &mut Inner, account: Option<u32>, r: Response| {
-        g.totals.errors += 1;
-        if let Some(a) = account {
-            g.accounts[a as usize].1.errors += 1;
-        }
-        r
-    };
-    let Some(grant_type) = p.get("grant_type") else {
-        return fail(
-            &mut g,
-            None,
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Missing required parameter: grant_type.",
-            ),
-        );
-    };
-    if grant_type != "refresh_token" {
-        return fail(
-            &mut g,
-            None,
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                "The authorization grant type is not supported by the authorization server.",
-            ),
-        );
+    let r = answer_fault(fault, now_s).await;
+    if !silent {
+        lock(&state.inner).log_request(endpoint, r.status().as_u16(), account);
     }
-    let Some(refresh) = p.get("refresh_token") else {
-        return fail(
-            &mut g,
-            None,
-            oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Missing required parameter: refresh_token.",
-            ),
-        );
-    };
-    let account = g
-        .by_refresh
-        .get(refresh)
-        .and_then(|a| g.records.get(a))
-        .map(|r| r.account)
-        .or_else(|| g.dead_refresh.get(refresh).copied());
-    match (client_id, secret) {
-        (None, None) => {
-            return fail(
-                &mut g,
-                account,
-                oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", INVALID_GRANT),
-            );
-        }
-        (Some(id), Some(s)) if *id == g.config.client_id && g.secret_ok(s) => {}
-        _ => {
-            return fail(
-                &mut g,
-                account,
-                oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", INVALID_CLIENT),
-            );
-        }
-    }
-    let now = g.now_ms();
-    let live = g.by_refresh.get(refresh).cloned();
-    let Some(old_access) = live else {
-        if let Some(a) = account {
-            g.accounts[a as usize].1.reuse_attempts += 1;
-        }
-        return fail(
-            &mut g,
-            account,
-            oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", INVALID_GRANT),
-        );
-    };
-    let refresh_ttl = g.config.refresh_ttl;
-    let (idx, ttl, created, exchanged) = {
-        let rec = &g.records[&old_access];
-        (rec.account, rec.ttl, rec.created_ms, rec.exchanged)
-    };
-    if refresh_ttl.is_some_and(|t| created + t.as_millis() as i64 <= now) {
-        return fail(
-            &mut g,
-            Some(idx),
-            oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", INVALID_GRANT),
-        );
-    }
-    if exchanged {
-        g.accounts[idx as usize].1.reuse_attempts += 1;
-    }
-    if let Some(rec) = g.records.get_mut(&old_access) {
-        rec.exchanged = true;
-    }
-    let account_name = g.accounts[idx as usize].0.clone();
-    let previous_expiry = g.accounts[idx as usize].1.current_expiry_ms;
-    let rotation = g.config.rotation;
-    if rotation == Rotation::Immediate {
-        g.revoke_record(&old_access);
-    }
-    let issued = if g.config.omit_refresh_token {
-        // No rotation: the same refresh token now belongs to the new access token.
-        g.revoke_record(&old_access);
-        g.dead_refresh.remove(refresh);
-        let mut issued = g.issue(&account_name, now, ttl, false, None);
-        if let Some(rec) = g.records.get_mut(&issued.access_token) {
-            rec.refresh = Some(refresh.clone());
-        }
-        g.by_refresh
-            .insert(refresh.clone(), issued.access_token.clone());
-        g.newest
-            .insert(idx, (issued.access_token.clone(), Some(refresh.clone())));
-        issued.refresh_token = None;
-        issued
-    } else {
-        let previous = (rotation == Rotation::RevokeOnUse).then(|| refresh.clone());
-        g.issue(&account_name, now, ttl, true, previous)
-    };
-    let stats = &mut g.accounts[idx as usize].1;
-    stats.grants += 1;
-    if let Some(prev) = previous_expiry
-        && now > prev
-    {
-        stats.lapses += 1;
-        stats.worst_gap_ms = stats.worst_gap_ms.max(now - prev);
-    }
-    if let Some(prev) = previous_expiry {
-        g.headroom_ms.push(prev - now);
-    }
-    g.totals.grants += 1;
-    json_200(serde_json::json!({
-        "access_token": issued.access_token,
-        "token_type": "Bearer",
-        "expires_in": ttl,
-        "refresh_token": issued.refresh_token,
-        "scope": "read write",
-        "created_at": now / 1000,
-    }))
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(|s| s.trim().to_owned())
-}
-
-pub(crate) async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let (fault, now_s) = {
-        let mut g = lock(&state.inner);
-        (g.take_fault(Endpoint::TokenInfo), g.now_ms() / 1000)
-    };
-    if let Some(f) = fault
-        && let Some(r) = apply_fault(f, now_s).await
-    {
-        return r;
-    }
-    let mut g = lock(&state.inner);
-    let now = g.now_ms();
-    let token = bearer(&headers);
-    let found = token
-        .as_deref()
-        .and_then(|t| g.access_valid(t, now))
-        .map(|r| (r.account, r.ttl, r.created_ms));
-    let invalid = invalid_token;
-    // Any probe counts against the account it names, valid or not.
-    let named = token
-        .as_deref()
-        .and_then(|t| g.records.get(t))
-        .map(|r| r.account);
-    if let Some(a) = named {
-        g.accounts[a as usize].1.probes += 1;
-    }
-    let Some((_, ttl, created)) = found else {
-        return invalid();
-    };
-    if let Some(t) = &token {
-        g.use_access(t);
-    }
-    let client = g.config.client_id.clone();
-    json_200(serde_json::json!({
-        "resource_owner_id": 4,
-        "scope": ["read", "write"],
-        "expires_in": ttl.map(|t| (created + t * 1000 - now) / 1000),
-        "application": {"uid": client},
-        "created_at": created / 1000,
-    }))
+    r
 }
 
 pub(crate) fn invalid_token() -> Response {
@@ -360,7 +150,14 @@ pub(crate) async fn introspect(
     body: Bytes,
 ) -> Response {
     let p = params(&headers, query, &body);
-    let g = lock(&state.inner);
+    let token = p.get("token").cloned();
+    handle(state, Endpoint::Introspect, token.as_deref(), move |g| {
+        introspect_answer(g, &p)
+    })
+    .await
+}
+
+fn introspect_answer(g: &Inner, p: &HashMap<String, String>) -> Response {
     if !p.contains_key("client_id") && !p.contains_key("client_secret") {
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -368,7 +165,7 @@ pub(crate) async fn introspect(
             "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed.",
         );
     }
-    if !client_ok(&g, &p) {
+    if !client_ok(g, p) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", INVALID_CLIENT);
     }
     let now = g.now_ms();
@@ -395,8 +192,15 @@ pub(crate) async fn revoke(
     body: Bytes,
 ) -> Response {
     let p = params(&headers, query, &body);
-    let mut g = lock(&state.inner);
-    if !client_ok(&g, &p) {
+    let token = p.get("token").cloned();
+    handle(state, Endpoint::Revoke, token.as_deref(), move |g| {
+        revoke_answer(g, &p)
+    })
+    .await
+}
+
+fn revoke_answer(g: &mut Inner, p: &HashMap<String, String>) -> Response {
+    if !client_ok(g, p) {
         return oauth_error(
             StatusCode::FORBIDDEN,
             "unauthorized_client",

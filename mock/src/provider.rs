@@ -10,10 +10,12 @@ use axum::Router;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
-use crate::books::{AccountStats, Inner, Issued, Totals, lock};
+use crate::bearer::token_info;
+use crate::books::{AccountStats, Inner, Issued, Request, Totals, lock};
 use crate::config::MockConfig;
 use crate::faults::{Endpoint, Fault};
-use crate::oauth::{introspect, revoke, token, token_info};
+use crate::oauth::{introspect, revoke};
+use crate::token::token;
 
 pub struct MockProvider {
     inner: Arc<Mutex<Inner>>,
@@ -53,6 +55,7 @@ impl MockProvider {
             log: Vec::new(),
             also_accepted: None,
             headroom_ms: Vec::new(),
+            requests: Vec::new(),
         }));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let state = AppState {
@@ -222,7 +225,23 @@ impl MockProvider {
         self.lock().headroom_ms.clone()
     }
 
+    /// Token requests the server has received and not finished (a request whose client hung up
+    /// stays in flight until its work is done).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Every request to every endpoint so far, in the order answered.
+    pub fn requests(&self) -> Vec<Request> {
+        let g = self.lock();
+        g.requests
+            .iter()
+            .map(|(ms, endpoint, status, a)| Request {
+                ms: *ms,
+                endpoint: *endpoint,
+                status: *status,
+                account: a.map(|i| g.accounts[i as usize].0.clone()),
+            })
+            .collect()
     }
 }
