@@ -7,14 +7,16 @@
 //!
 //! Layout: `config` (modes, clock), `books` (the server's records and its accounting), `faults`
 //! (what can go wrong and how it is answered), `serve` (work that outlives the client), the
-//! endpoints (`token`, `oauth` for introspect and revoke, `bearer` for token/info), and
-//! `provider` (the running server and what tests ask of it).
+//! endpoints (`token`, `oauth` for introspect and revoke, `bearer` for token/info), `provider`
+//! (the running server and what tests ask of it), and `evil` (a hostile other host, for
+//! redirect tests).
 
 #![forbid(unsafe_code)]
 
 mod bearer;
 mod books;
 mod config;
+mod evil;
 mod faults;
 mod oauth;
 mod provider;
@@ -23,5 +25,6 @@ mod token;
 
 pub use books::{AccountStats, Issued, Request, Totals};
 pub use config::{MockClock, MockConfig, Rotation};
+pub use evil::{EvilHost, SeenRequest};
 pub use faults::{Endpoint, Fault};
 pub use provider::MockProvider;

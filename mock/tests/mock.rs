@@ -1,12 +1,12 @@
-//! The mock over real loopback HTTP: redirects, faults on every endpoint, work that outlives
-//! its client, the request log.
+//! The mock over real loopback HTTP: redirects and the hostile host, faults on every endpoint,
+//! work that outlives its client, the request log.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::LOCATION;
 use serde_json::Value;
-use tokend_mock::{Endpoint, Fault, MockConfig, MockProvider, Rotation};
+use tokend_mock::{Endpoint, EvilHost, Fault, MockConfig, MockProvider, Rotation};
 use tokio::time::Instant;
 
 async fn start(config: MockConfig) -> MockProvider {
@@ -93,8 +93,9 @@ fn seeded_refresh(mock: &MockProvider, account: &str, age: Duration) -> String {
 #[tokio::test]
 async fn a_redirect_carries_location_and_exchanges_nothing() {
     let mock = immediate().await;
+    let evil = EvilHost::start().await.expect("evil host");
     let rt = seeded_refresh(&mock, "u", Duration::ZERO);
-    let location = "http://127.0.0.1:9/oauth/token".to_owned();
+    let location = format!("{}/oauth/token", evil.url());
     for status in [301u16, 302, 303, 307, 308] {
         mock.push_faults(
             Endpoint::Token,
@@ -120,6 +121,7 @@ async fn a_redirect_carries_location_and_exchanges_nothing() {
     }
     assert_eq!(mock.account("u").grants, 0);
     assert!(mock.refresh_token_live(&rt), "no exchange happened");
+    assert_eq!(evil.count(), 0);
     let statuses: Vec<u16> = mock.token_log().iter().map(|l| l.1).collect();
     assert_eq!(statuses, vec![301, 302, 303, 307, 308]);
 }
@@ -203,6 +205,74 @@ async fn every_endpoint_takes_faults() {
     assert_eq!(ok.status(), 200);
     let body: Value = ok.json().await.expect("json");
     assert_eq!(body["active"], true);
+}
+
+// ---- 2. The hostile host ------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_evil_host_answers_anything_and_records_it() {
+    let mock = immediate().await;
+    let evil = EvilHost::start().await.expect("evil host");
+    let rt = seeded_refresh(&mock, "u", Duration::ZERO);
+    mock.push_faults(
+        Endpoint::Token,
+        [Fault::Redirect {
+            status: 307,
+            location: format!("{}/oauth/token?from=mock", evil.url()),
+        }],
+    );
+    // A careless client follows a 307 and re-sends its form, secret and all.
+    let careless = builder().build().expect("client");
+    let r = refresh_request(&careless, &mock, &rt)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["access_token"], "evil-access-1");
+    assert_eq!(body["refresh_token"], "evil-refresh-1");
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["active"], true);
+    assert!(
+        body["created_at"]
+            .as_i64()
+            .is_some_and(|t| t > 1_600_000_000)
+    );
+
+    // Any method, any path.
+    let r = careless
+        .delete(format!("{}/some/where?x=1", evil.url()))
+        .header("X-Probe", "yes")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["access_token"], "evil-access-2");
+
+    assert_eq!(evil.count(), 2);
+    let seen = evil.requests();
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].path, "/oauth/token?from=mock");
+    assert!(seen[0].body.contains(&format!("refresh_token={rt}")));
+    assert!(seen[0].body.contains("client_secret=mock-secret"));
+    assert!(
+        seen[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v == "application/x-www-form-urlencoded")
+    );
+    assert_eq!(seen[1].method, "DELETE");
+    assert_eq!(seen[1].path, "/some/where?x=1");
+    assert!(
+        seen[1]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-probe" && v == "yes")
+    );
+    assert_eq!(seen[1].body, "");
+    // The mock itself exchanged nothing.
+    assert_eq!(mock.account("u").grants, 0);
 }
 
 // ---- 4. Work that outlives its client --------------------------------
