@@ -23,9 +23,13 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 pub(crate) async fn token_info(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let token = bearer(&headers);
     let presented = token.clone();
-    handle(state, Endpoint::TokenInfo, presented.as_deref(), move |g| {
-        token_info_answer(g, token)
-    })
+    handle(
+        state,
+        Endpoint::TokenInfo,
+        presented.as_deref(),
+        false,
+        move |g| token_info_answer(g, token),
+    )
     .await
 }
 

@@ -32,6 +32,8 @@ pub struct Totals {
     pub max_in_flight: usize,
     /// Times two token requests for one account were in flight at once.
     pub concurrent_same_account: u64,
+    /// Serial mode: most requests waiting or in service at once.
+    pub max_queued: usize,
 }
 
 /// One answered request, any endpoint.

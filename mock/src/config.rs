@@ -48,6 +48,11 @@ pub struct MockConfig {
     /// Answer refreshes without a `refresh_token` (the old one stays valid), as some servers do.
     pub omit_refresh_token: bool,
     pub clock: MockClock,
+    /// Serve token, introspect and revoke requests one at a time, in arrival order, each taking
+    /// this long (like a single-threaded Rails server). `None`: all at once. A `Fault::Delay`
+    /// adds to a request's service time; faults that replace the work (`Status`, `Redirect`,
+    /// `Hang`, ...) are answered on arrival, outside the queue.
+    pub serial: Option<Duration>,
 }
 
 impl Default for MockConfig {
@@ -60,6 +65,7 @@ impl Default for MockConfig {
             client_secret: "mock-secret".into(),
             omit_refresh_token: false,
             clock: MockClock::system(),
+            serial: None,
         }
     }
 }

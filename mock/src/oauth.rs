@@ -67,11 +67,13 @@ pub(crate) fn json_200(body: serde_json::Value) -> Response {
 }
 
 /// Draws `endpoint`'s fault for a request presenting `token`: answers the fault if it replaces
-/// the work, else carries out `work`. Either way the answer goes into the request log.
+/// the work, else carries out `work` (serially if `queued` and the server is serial). Either way
+/// the answer goes into the request log.
 pub(crate) async fn handle<W>(
     state: AppState,
     endpoint: Endpoint,
     token: Option<&str>,
+    queued: bool,
     work: W,
 ) -> Response
 where
@@ -90,7 +92,7 @@ where
         _ => None,
     };
     let st = state.clone();
-    carry_out(delay, move || {
+    carry_out(&state, queued, delay, move || {
         let mut g = lock(&st.inner);
         let r = work(&mut g);
         g.log_request(endpoint, r.status().as_u16(), account);
@@ -151,9 +153,13 @@ pub(crate) async fn introspect(
 ) -> Response {
     let p = params(&headers, query, &body);
     let token = p.get("token").cloned();
-    handle(state, Endpoint::Introspect, token.as_deref(), move |g| {
-        introspect_answer(g, &p)
-    })
+    handle(
+        state,
+        Endpoint::Introspect,
+        token.as_deref(),
+        true,
+        move |g| introspect_answer(g, &p),
+    )
     .await
 }
 
@@ -193,7 +199,7 @@ pub(crate) async fn revoke(
 ) -> Response {
     let p = params(&headers, query, &body);
     let token = p.get("token").cloned();
-    handle(state, Endpoint::Revoke, token.as_deref(), move |g| {
+    handle(state, Endpoint::Revoke, token.as_deref(), true, move |g| {
         revoke_answer(g, &p)
     })
     .await

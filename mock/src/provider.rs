@@ -15,6 +15,7 @@ use crate::books::{AccountStats, Inner, Issued, Request, Totals, lock};
 use crate::config::MockConfig;
 use crate::faults::{Endpoint, Fault};
 use crate::oauth::{introspect, revoke};
+use crate::serve::Serial;
 use crate::token::token;
 
 pub struct MockProvider {
@@ -22,6 +23,7 @@ pub struct MockProvider {
     addr: SocketAddr,
     stop: CancellationToken,
     in_flight: Arc<AtomicUsize>,
+    serial: Arc<Serial>,
 }
 
 impl Drop for MockProvider {
@@ -34,6 +36,7 @@ impl Drop for MockProvider {
 pub(crate) struct AppState {
     pub(crate) inner: Arc<Mutex<Inner>>,
     pub(crate) in_flight: Arc<AtomicUsize>,
+    pub(crate) serial: Arc<Serial>,
 }
 
 impl MockProvider {
@@ -41,6 +44,7 @@ impl MockProvider {
     pub async fn start(config: MockConfig) -> std::io::Result<MockProvider> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let serial = Arc::new(Serial::new(config.serial));
         let inner = Arc::new(Mutex::new(Inner {
             config,
             records: HashMap::new(),
@@ -61,6 +65,7 @@ impl MockProvider {
         let state = AppState {
             inner: inner.clone(),
             in_flight: in_flight.clone(),
+            serial: serial.clone(),
         };
         let app = Router::new()
             .route("/oauth/token", post(token))
@@ -80,6 +85,7 @@ impl MockProvider {
             addr,
             stop,
             in_flight,
+            serial,
         })
     }
 
@@ -229,6 +235,11 @@ impl MockProvider {
     /// stays in flight until its work is done).
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Serial mode: requests waiting or in service now (always 0 otherwise).
+    pub fn queued(&self) -> usize {
+        self.serial.queued()
     }
 
     /// Every request to every endpoint so far, in the order answered.

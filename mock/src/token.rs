@@ -95,7 +95,7 @@ pub(crate) async fn token(
         _ => None,
     };
     let st = state.clone();
-    carry_out(delay, move || {
+    carry_out(&state, true, delay, move || {
         let r = {
             let mut g = lock(&st.inner);
             let r = exchange(&mut g, &p);

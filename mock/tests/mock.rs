@@ -1,12 +1,12 @@
 //! The mock over real loopback HTTP: redirects and the hostile host, faults on every endpoint,
-//! work that outlives its client, the request log.
+//! the serial queue and work that outlives its client, the request log.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::LOCATION;
 use serde_json::Value;
-use tokend_mock::{Endpoint, EvilHost, Fault, MockConfig, MockProvider, Rotation};
+use tokend_mock::{Endpoint, EvilHost, Fault, MockClock, MockConfig, MockProvider, Rotation};
 use tokio::time::Instant;
 
 async fn start(config: MockConfig) -> MockProvider {
@@ -80,6 +80,24 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Under a paused clock: lets other tasks and I/O run, without letting time move, until `cond`
+/// holds. (A task that yields is never idle, so tokio does not auto-advance the clock.)
+async fn settle(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..1_000_000 {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never settled: {what}");
+}
+
+/// A mock clock that follows tokio's (possibly paused) clock.
+fn tokio_clock() -> MockClock {
+    let base = Instant::now();
+    MockClock::new(move || 1_700_000_000_000 + base.elapsed().as_millis() as i64)
 }
 
 fn seeded_refresh(mock: &MockProvider, account: &str, age: Duration) -> String {
@@ -275,10 +293,10 @@ async fn the_evil_host_answers_anything_and_records_it() {
     assert_eq!(mock.account("u").grants, 0);
 }
 
-// ---- 4. Work that outlives its client --------------------------------
+// ---- 4. One request at a time; work that outlives its client --------------------------------
 
 /// A request whose client gives up (timeout) before the answer is still processed: the grant
-/// rotates once the delay has passed.
+/// rotates once the service time has passed.
 async fn processed_after_client_left(mock: &MockProvider, takes: Duration) {
     let rt = seeded_refresh(mock, "u", Duration::ZERO);
     let impatient = builder()
@@ -304,6 +322,20 @@ async fn processed_after_client_left(mock: &MockProvider, takes: Duration) {
     assert!(!mock.refresh_token_live(&rt));
     assert_eq!(mock.token_log().last().map(|l| l.1), Some(200));
     eventually("the request to leave the books", || mock.in_flight() == 0).await;
+    assert_eq!(mock.queued(), 0);
+}
+
+#[tokio::test]
+async fn serial_mode_finishes_a_request_whose_client_left() {
+    let takes = Duration::from_millis(800);
+    let mock = start(MockConfig {
+        rotation: Rotation::Immediate,
+        serial: Some(takes),
+        ..MockConfig::default()
+    })
+    .await;
+    processed_after_client_left(&mock, takes).await;
+    assert_eq!(mock.totals().max_queued, 1);
 }
 
 #[tokio::test]
@@ -312,6 +344,85 @@ async fn a_delay_fault_finishes_a_request_whose_client_left() {
     let mock = immediate().await;
     mock.push_faults(Endpoint::Token, [Fault::Delay(takes)]);
     processed_after_client_left(&mock, takes).await;
+    assert_eq!(mock.totals().max_queued, 0, "not serial");
+}
+
+#[tokio::test(start_paused = true)]
+async fn serial_mode_serves_token_revoke_and_introspect_one_at_a_time_in_arrival_order() {
+    let clock = tokio_clock();
+    let t0 = clock.now_ms();
+    let mock = std::sync::Arc::new(
+        start(MockConfig {
+            serial: Some(Duration::from_secs(1)),
+            clock,
+            ..MockConfig::default()
+        })
+        .await,
+    );
+    let a = seeded_refresh(&mock, "a", Duration::ZERO);
+    let b = seeded_refresh(&mock, "b", Duration::ZERO);
+    let c = seeded_refresh(&mock, "c", Duration::ZERO);
+    let url = mock.url();
+    let form = |token: &str| {
+        vec![
+            ("token".to_owned(), token.to_owned()),
+            ("client_id".to_owned(), "mock-client".to_owned()),
+            ("client_secret".to_owned(), "mock-secret".to_owned()),
+        ]
+    };
+    let token = tokio::spawn({
+        let m = mock.clone();
+        async move { refresh(&m, &a).await.0 }
+    });
+    settle("first queued", || mock.queued() == 1).await;
+    let revoke = tokio::spawn({
+        let (url, form) = (url.clone(), form(&b));
+        async move {
+            let r = client().post(format!("{url}/oauth/revoke")).form(&form);
+            r.send().await.expect("revoke").status()
+        }
+    });
+    settle("second queued", || mock.queued() == 2).await;
+    let introspect = tokio::spawn({
+        let (url, form) = (url.clone(), form(&c));
+        async move {
+            let r = client().post(format!("{url}/oauth/introspect")).form(&form);
+            r.send().await.expect("introspect").status()
+        }
+    });
+    settle("third queued", || mock.queued() == 3).await;
+    // Nothing served yet: each takes a second of (paused) time.
+    assert!(mock.requests().is_empty());
+    assert_eq!(token.await.expect("join"), 200);
+    assert_eq!(revoke.await.expect("join"), 200);
+    assert_eq!(introspect.await.expect("join"), 200);
+    assert_eq!(mock.totals().max_queued, 3);
+    assert_eq!(mock.queued(), 0);
+
+    let served: Vec<(Endpoint, Option<String>, i64)> = mock
+        .requests()
+        .into_iter()
+        .map(|r| (r.endpoint, r.account, r.ms - t0))
+        .collect();
+    assert_eq!(
+        served
+            .iter()
+            .map(|s| (s.0, s.1.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (Endpoint::Token, Some("a".to_owned())),
+            (Endpoint::Revoke, Some("b".to_owned())),
+            (Endpoint::Introspect, Some("c".to_owned())),
+        ]
+    );
+    for (i, s) in served.iter().enumerate() {
+        let due = 1000 * (i as i64 + 1);
+        assert!(
+            (due..due + 50).contains(&s.2),
+            "request {i} served at +{} ms, not +{due}",
+            s.2
+        );
+    }
 }
 
 // ---- 7. The request log ---------------------------------------------------------------------
