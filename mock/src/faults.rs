@@ -1,4 +1,4 @@
-//! What the mock can answer instead of doing its job.
+//! What the mock can answer instead of doing its job, or on top of it.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use crate::books::random_token;
 use crate::oauth::invalid_token;
 
-/// A fault the mock can answer with instead of doing its job. All but `Delay` answer without
-/// touching the server's records.
+/// A fault the mock can answer with instead of doing its job. All but `Delay` and `Odd200`
+/// answer without touching the server's records (see [`Fault::does_the_work`]).
 #[derive(Debug, Clone)]
 pub enum Fault {
     /// This status with a small body, and `Retry-After` when given (seconds or an HTTP date).
@@ -43,13 +43,73 @@ pub enum Fault {
     /// This status (301, 302, 303, 307 or 308) with `Location: <location>` and an empty body,
     /// without doing the work. A client that follows it sends its request elsewhere.
     Redirect { status: u16, location: String },
+    /// Token endpoint: do the real exchange (rotation and books exactly as for a normal `200`),
+    /// then send its body with this one alteration. Other endpoints answer normally.
+    Odd200(OddShape),
 }
 
 impl Fault {
     /// Whether the server still does its real work (and so changes its records) under this
     /// fault; every other fault answers instead of the work.
     pub(crate) fn does_the_work(&self) -> bool {
-        matches!(self, Fault::Delay(_))
+        matches!(self, Fault::Delay(_) | Fault::Odd200(_))
+    }
+}
+
+/// How [`Fault::Odd200`] alters a real token answer (whose exchange did happen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OddShape {
+    /// No `expires_in` key.
+    ExpiresInMissing,
+    /// `"expires_in":"3600"`: the real TTL as a JSON string.
+    ExpiresInString,
+    /// `"expires_in":0`.
+    ExpiresInZero,
+    /// `"expires_in":-5`.
+    ExpiresInNegative,
+    /// `"expires_in":1000000000000`.
+    ExpiresInHuge,
+    /// No `access_token` key.
+    NoAccessToken,
+    /// `"access_token":""`.
+    EmptyAccessToken,
+    /// No `refresh_token` key although the server rotated: the new refresh token is lost to the
+    /// client (and the presented one is spent as usual).
+    NoRefreshToken,
+}
+
+impl OddShape {
+    pub(crate) fn reshape(self, body: &mut serde_json::Map<String, serde_json::Value>) {
+        use serde_json::Value;
+        match self {
+            OddShape::ExpiresInMissing => {
+                body.remove("expires_in");
+            }
+            OddShape::ExpiresInString => {
+                if let Some(Value::Number(n)) = body.get("expires_in") {
+                    let s = n.to_string();
+                    body.insert("expires_in".into(), Value::String(s));
+                }
+            }
+            OddShape::ExpiresInZero => {
+                body.insert("expires_in".into(), 0.into());
+            }
+            OddShape::ExpiresInNegative => {
+                body.insert("expires_in".into(), (-5).into());
+            }
+            OddShape::ExpiresInHuge => {
+                body.insert("expires_in".into(), 1_000_000_000_000i64.into());
+            }
+            OddShape::NoAccessToken => {
+                body.remove("access_token");
+            }
+            OddShape::EmptyAccessToken => {
+                body.insert("access_token".into(), "".into());
+            }
+            OddShape::NoRefreshToken => {
+                body.remove("refresh_token");
+            }
+        }
     }
 }
 
@@ -102,8 +162,8 @@ pub(crate) async fn answer_fault(f: Fault, now_s: i64) -> Response {
             }
             r
         }
-        // The work is the caller's; answering it here would skip it.
-        Fault::Delay(_) => (
+        // The work is the caller's; answering these here would skip it.
+        Fault::Delay(_) | Fault::Odd200(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "mock: fault answered out of place",
         )

@@ -26,5 +26,5 @@ mod token;
 pub use books::{AccountStats, Issued, Request, Totals};
 pub use config::{MockClock, MockConfig, Rotation};
 pub use evil::{EvilHost, SeenRequest};
-pub use faults::{Endpoint, Fault};
+pub use faults::{Endpoint, Fault, OddShape};
 pub use provider::MockProvider;

@@ -10,7 +10,7 @@ use axum::response::Response;
 
 use crate::books::{Inner, lock};
 use crate::config::Rotation;
-use crate::faults::{Endpoint, Fault, answer_fault, leaves_no_answer};
+use crate::faults::{Endpoint, Fault, OddShape, answer_fault, leaves_no_answer};
 use crate::oauth::{INVALID_CLIENT, INVALID_GRANT, json_200, oauth_error, params};
 use crate::provider::AppState;
 use crate::serve::carry_out;
@@ -75,7 +75,7 @@ pub(crate) async fn token(
         (f, named, g.now_ms() / 1000)
     };
     let account = guard.account;
-    let delay = match fault {
+    let (delay, odd) = match fault {
         Some(f) if !f.does_the_work() => {
             let silent = leaves_no_answer(&f);
             if silent {
@@ -91,14 +91,15 @@ pub(crate) async fn token(
             }
             return r;
         }
-        Some(Fault::Delay(d)) => Some(d),
-        _ => None,
+        Some(Fault::Delay(d)) => (Some(d), None),
+        Some(Fault::Odd200(shape)) => (None, Some(shape)),
+        _ => (None, None),
     };
     let st = state.clone();
     carry_out(&state, true, delay, move || {
         let r = {
             let mut g = lock(&st.inner);
-            let r = exchange(&mut g, &p);
+            let r = exchange(&mut g, &p, odd);
             let now = g.now_ms();
             let status = r.status().as_u16();
             g.log.push((now, status, account));
@@ -112,7 +113,9 @@ pub(crate) async fn token(
     .await
 }
 
-fn exchange(g: &mut Inner, p: &HashMap<String, String>) -> Response {
+/// The exchange itself; `odd` alters a successful answer's body (the books are those of a
+/// normal `200`).
+fn exchange(g: &mut Inner, p: &HashMap<String, String>, odd: Option<OddShape>) -> Response {
     let client_id = p.get("client_id");
     let secret = p.get("client_secret");
     let fail = |g: &mut Inner, account: Option<u32>, r: Response| {
@@ -244,12 +247,16 @@ fn exchange(g: &mut Inner, p: &HashMap<String, String>) -> Response {
         g.headroom_ms.push(prev - now);
     }
     g.totals.grants += 1;
-    json_200(serde_json::json!({
+    let mut body = serde_json::json!({
         "access_token": issued.access_token,
         "token_type": "Bearer",
         "expires_in": ttl,
         "refresh_token": issued.refresh_token,
         "scope": "read write",
         "created_at": now / 1000,
-    }))
+    });
+    if let (Some(shape), Some(map)) = (odd, body.as_object_mut()) {
+        shape.reshape(map);
+    }
+    json_200(body)
 }

@@ -1,12 +1,14 @@
-//! The mock over real loopback HTTP: redirects and the hostile host, faults on every endpoint,
-//! the serial queue and work that outlives its client, the request log.
+//! The mock over real loopback HTTP: redirects and the hostile host, odd 200s that rotate, the
+//! serial queue and work that outlives its client, the request log.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::LOCATION;
 use serde_json::Value;
-use tokend_mock::{Endpoint, EvilHost, Fault, MockClock, MockConfig, MockProvider, Rotation};
+use tokend_mock::{
+    Endpoint, EvilHost, Fault, MockClock, MockConfig, MockProvider, OddShape, Rotation,
+};
 use tokio::time::Instant;
 
 async fn start(config: MockConfig) -> MockProvider {
@@ -291,6 +293,87 @@ async fn the_evil_host_answers_anything_and_records_it() {
     assert_eq!(seen[1].body, "");
     // The mock itself exchanged nothing.
     assert_eq!(mock.account("u").grants, 0);
+}
+
+// ---- 3. Odd 200s that really rotate -------------------------------------------------------
+
+#[tokio::test]
+async fn odd_200s_rotate_and_alter_one_thing() {
+    let shapes = [
+        OddShape::ExpiresInMissing,
+        OddShape::ExpiresInString,
+        OddShape::ExpiresInZero,
+        OddShape::ExpiresInNegative,
+        OddShape::ExpiresInHuge,
+        OddShape::NoAccessToken,
+        OddShape::EmptyAccessToken,
+        OddShape::NoRefreshToken,
+    ];
+    for shape in shapes {
+        let mock = immediate().await;
+        // Seeded already expired: the grant is a lapse, booked as for a normal 200.
+        let rt = seeded_refresh(&mock, "u", Duration::from_secs(4000));
+        mock.push_faults(Endpoint::Token, [Fault::Odd200(shape)]);
+        let (status, body) = refresh(&mock, &rt).await;
+        assert_eq!(status, 200, "{shape:?}");
+        let stats = mock.account("u");
+        assert_eq!(stats.grants, 1, "{shape:?}");
+        assert_eq!(stats.lapses, 1, "{shape:?}");
+        assert_eq!(mock.totals().faults, 1, "{shape:?}");
+        // Immediate mode: the presented refresh token is spent.
+        assert!(!mock.refresh_token_live(&rt), "{shape:?}");
+        assert_eq!(refresh(&mock, &rt).await.0, 400, "{shape:?}");
+
+        let (new_access, new_refresh) = mock.newest("u").expect("newest");
+        let new_refresh = new_refresh.expect("rotated");
+        assert_ne!(new_refresh, rt);
+        let expect_access = !matches!(shape, OddShape::NoAccessToken | OddShape::EmptyAccessToken);
+        if expect_access {
+            assert_eq!(body["access_token"], new_access.as_str(), "{shape:?}");
+        }
+        if shape != OddShape::NoRefreshToken {
+            assert_eq!(body["refresh_token"], new_refresh.as_str(), "{shape:?}");
+        }
+        let map = body.as_object().expect("object");
+        match shape {
+            OddShape::ExpiresInMissing => assert!(!map.contains_key("expires_in")),
+            OddShape::ExpiresInString => assert_eq!(body["expires_in"], "3600"),
+            OddShape::ExpiresInZero => assert_eq!(body["expires_in"], 0),
+            OddShape::ExpiresInNegative => assert_eq!(body["expires_in"], -5),
+            OddShape::ExpiresInHuge => assert_eq!(body["expires_in"], 1_000_000_000_000i64),
+            OddShape::NoAccessToken => assert!(!map.contains_key("access_token")),
+            OddShape::EmptyAccessToken => assert_eq!(body["access_token"], ""),
+            OddShape::NoRefreshToken => {
+                assert!(!map.contains_key("refresh_token"));
+                // The server did rotate: the new token exists, unknown to the client.
+                assert!(mock.refresh_token_live(&new_refresh));
+            }
+        }
+        let alters_expiry = matches!(
+            shape,
+            OddShape::ExpiresInMissing
+                | OddShape::ExpiresInString
+                | OddShape::ExpiresInZero
+                | OddShape::ExpiresInNegative
+                | OddShape::ExpiresInHuge
+        );
+        if !alters_expiry {
+            assert_eq!(body["expires_in"], 3600, "{shape:?}: untouched");
+        }
+        assert_eq!(body["token_type"], "Bearer", "{shape:?}: untouched");
+    }
+}
+
+#[tokio::test]
+async fn garbage_faults_still_answer_without_exchanging() {
+    let mock = immediate().await;
+    let rt = seeded_refresh(&mock, "u", Duration::ZERO);
+    mock.push_faults(Endpoint::Token, [Fault::NoAccessToken, Fault::ExpiresIn(0)]);
+    for _ in 0..2 {
+        assert_eq!(refresh(&mock, &rt).await.0, 200);
+    }
+    assert_eq!(mock.account("u").grants, 0);
+    assert!(mock.refresh_token_live(&rt));
 }
 
 // ---- 4. One request at a time; work that outlives its client --------------------------------
