@@ -1,10 +1,10 @@
-//! The endpoint a client calls with a Bearer access token: `GET /oauth/token/info`. It is a
-//! use of the token (in revoke_on_use mode it retires the previous pair) and a probe in the
-//! account's books.
+//! The endpoints a client calls with a Bearer access token: `GET /oauth/token/info` and an API
+//! call, `GET /api/me`. Either is a use of the token (in revoke_on_use mode it retires the
+//! previous pair) and a probe in the account's books.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, header};
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 
 use crate::books::Inner;
 use crate::faults::Endpoint;
@@ -62,4 +62,57 @@ fn token_info_answer(g: &mut Inner, token: Option<String>) -> Response {
         "application": {"uid": client},
         "created_at": created / 1000,
     }))
+}
+
+/// `doorkeeper_authorize!` in front of an API action: unlike token/info it tells an expired
+/// token from a revoked one, with an empty `401` body.
+pub(crate) async fn me(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let token = bearer(&headers);
+    let presented = token.clone();
+    handle(state, Endpoint::Me, presented.as_deref(), false, move |g| {
+        me_answer(g, token)
+    })
+    .await
+}
+
+fn me_answer(g: &mut Inner, token: Option<String>) -> Response {
+    let Some(t) = token else {
+        return unauthorized("The access token is invalid");
+    };
+    let now = g.now_ms();
+    let named = g
+        .records
+        .get(&t)
+        .map(|r| r.account)
+        .or_else(|| g.dead_access.get(&t).copied());
+    if let Some(a) = named {
+        g.accounts[a as usize].1.probes += 1;
+    }
+    // Doorkeeper's order: revoked before expired before unknown.
+    if g.dead_access.contains_key(&t) {
+        return unauthorized("The access token was revoked");
+    }
+    if !g.records.contains_key(&t) {
+        return unauthorized("The access token is invalid");
+    }
+    if g.access_valid(&t, now).is_none() {
+        return unauthorized("The access token expired");
+    }
+    g.use_access(&t);
+    let mut r = axum::Json(serde_json::json!({"id": 4})).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn unauthorized(description: &'static str) -> Response {
+    let mut r = StatusCode::UNAUTHORIZED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "Bearer realm=\"Doorkeeper\", error=\"invalid_token\", error_description=\"{description}\""
+    )) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
 }

@@ -45,8 +45,7 @@ pub struct Request {
     pub endpoint: Endpoint,
     /// `0` when no complete answer was sent (`Fault::Hang`, `Fault::Drop`).
     pub status: u16,
-    /// The account the presented token (refresh or access, live, or a dead refresh token)
-    /// belongs to.
+    /// The account the presented token (refresh or access, live or dead) belongs to.
     pub account: Option<String>,
 }
 
@@ -70,6 +69,8 @@ pub(crate) struct Inner {
     pub(crate) by_refresh: HashMap<String, String>,
     /// Dead refresh tokens -> account, for counting reuse.
     pub(crate) dead_refresh: HashMap<String, u32>,
+    /// Revoked access tokens -> account (`/api/me` tells them from unknown ones).
+    pub(crate) dead_access: HashMap<String, u32>,
     pub(crate) account_ids: HashMap<String, u32>,
     pub(crate) accounts: Vec<(String, AccountStats)>,
     pub(crate) faults: HashMap<Endpoint, FaultPlan>,
@@ -162,20 +163,23 @@ impl Inner {
     }
 
     pub(crate) fn revoke_record(&mut self, access: &str) {
-        if let Some(rec) = self.records.remove(access)
-            && let Some(r) = rec.refresh
-        {
+        let Some(rec) = self.records.remove(access) else {
+            return;
+        };
+        self.dead_access.insert(access.to_owned(), rec.account);
+        if let Some(r) = rec.refresh {
             self.by_refresh.remove(&r);
             self.dead_refresh.insert(r, rec.account);
         }
     }
 
-    /// The account a token (access or refresh, live or a dead refresh token) belongs to.
+    /// The account a token (access or refresh, live or dead) belongs to.
     pub(crate) fn token_account(&self, token: &str) -> Option<u32> {
         let live = |access: &str| self.records.get(access).map(|r| r.account);
         live(token)
             .or_else(|| self.by_refresh.get(token).and_then(|a| live(a)))
             .or_else(|| self.dead_refresh.get(token).copied())
+            .or_else(|| self.dead_access.get(token).copied())
     }
 
     /// Enters one answer in the request log.

@@ -124,6 +124,8 @@ pub enum Endpoint {
     Introspect,
     /// `POST /oauth/revoke`
     Revoke,
+    /// `GET /api/me`
+    Me,
 }
 
 #[derive(Debug, Default, Clone)]

@@ -8,8 +8,8 @@
 //! Layout: `config` (modes, clock), `books` (the server's records and its accounting), `faults`
 //! (what can go wrong and how it is answered), `serve` (work that outlives the client, the
 //! one-at-a-time queue), the endpoints (`token`, `oauth` for introspect and revoke, `bearer` for
-//! token/info), `provider` (the running server and what tests ask of it), and `evil` (a hostile
-//! other host, for redirect tests).
+//! token/info and `/api/me`), `provider` (the running server and what tests ask of it), and
+//! `evil` (a hostile other host, for redirect tests).
 
 #![forbid(unsafe_code)]
 

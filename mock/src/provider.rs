@@ -10,7 +10,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
 
-use crate::bearer::token_info;
+use crate::bearer::{me, token_info};
 use crate::books::{AccountStats, Inner, Issued, Request, Totals, lock};
 use crate::config::MockConfig;
 use crate::faults::{Endpoint, Fault};
@@ -50,6 +50,7 @@ impl MockProvider {
             records: HashMap::new(),
             by_refresh: HashMap::new(),
             dead_refresh: HashMap::new(),
+            dead_access: HashMap::new(),
             account_ids: HashMap::new(),
             accounts: Vec::new(),
             faults: HashMap::new(),
@@ -72,6 +73,7 @@ impl MockProvider {
             .route("/oauth/token/info", get(token_info))
             .route("/oauth/introspect", post(introspect))
             .route("/oauth/revoke", post(revoke))
+            .route("/api/me", get(me))
             .with_state(state);
         let stop = CancellationToken::new();
         let stopped = stop.clone();

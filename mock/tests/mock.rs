@@ -1,15 +1,17 @@
 //! The mock over real loopback HTTP: redirects and the hostile host, odd 200s that rotate, the
-//! serial queue and work that outlives its client, the request log.
+//! serial queue and work that outlives its client, `/api/me`, the request log.
 
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::LOCATION;
+use reqwest::header::{LOCATION, WWW_AUTHENTICATE};
 use serde_json::Value;
 use tokend_mock::{
     Endpoint, EvilHost, Fault, MockClock, MockConfig, MockProvider, OddShape, Rotation,
 };
 use tokio::time::Instant;
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 async fn start(config: MockConfig) -> MockProvider {
     MockProvider::start(config).await.expect("start mock")
@@ -73,6 +75,21 @@ async fn revoke(mock: &MockProvider, token: &str, secret: &str) -> (StatusCode, 
         .await
         .expect("revoke request");
     (r.status(), r.text().await.expect("revoke body"))
+}
+
+/// `GET /api/me`: (status, WWW-Authenticate, body).
+async fn me(mock: &MockProvider, access: Option<&str>) -> (StatusCode, Option<String>, String) {
+    let mut req = client().get(format!("{}/api/me", mock.url()));
+    if let Some(a) = access {
+        req = req.bearer_auth(a);
+    }
+    let r = req.send().await.expect("me request");
+    let status = r.status();
+    let auth = r
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .map(|v| v.to_str().expect("ascii header").to_owned());
+    (status, auth, r.text().await.expect("me body"))
 }
 
 /// Waits (through tokio's clock) until `cond` holds, failing after ten seconds.
@@ -152,7 +169,12 @@ async fn every_endpoint_takes_faults() {
     let issued = mock.issue_user("u", Duration::ZERO);
     let rt = issued.refresh_token.clone().expect("refresh");
     let location = "http://127.0.0.1:9/elsewhere".to_owned();
-    for e in [Endpoint::TokenInfo, Endpoint::Introspect, Endpoint::Revoke] {
+    for e in [
+        Endpoint::TokenInfo,
+        Endpoint::Introspect,
+        Endpoint::Revoke,
+        Endpoint::Me,
+    ] {
         mock.push_faults(
             e,
             [Fault::Redirect {
@@ -181,6 +203,10 @@ async fn every_endpoint_takes_faults() {
             .form(&creds)
             .send()
             .await,
+        c.get(format!("{url}/api/me"))
+            .bearer_auth(&issued.access_token)
+            .send()
+            .await,
     ];
     for r in answers {
         let r = r.expect("send");
@@ -204,6 +230,7 @@ async fn every_endpoint_takes_faults() {
             (Endpoint::TokenInfo, 302),
             (Endpoint::Introspect, 302),
             (Endpoint::Revoke, 302),
+            (Endpoint::Me, 302),
         ]
     );
 
@@ -506,6 +533,104 @@ async fn serial_mode_serves_token_revoke_and_introspect_one_at_a_time_in_arrival
             s.2
         );
     }
+}
+
+// ---- 5. /api/me -----------------------------------------------------------------------------
+
+fn invalid_token(description: &str) -> Option<String> {
+    Some(format!(
+        "Bearer realm=\"Doorkeeper\", error=\"invalid_token\", error_description=\"{description}\""
+    ))
+}
+
+#[tokio::test]
+async fn api_me_tells_valid_expired_revoked_and_unknown_apart() {
+    let mock = start(MockConfig::default()).await;
+    let live = mock.issue_user("live", Duration::ZERO);
+    let (status, auth, body) = me(&mock, Some(&live.access_token)).await;
+    assert_eq!(status, 200);
+    assert_eq!(auth, None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        serde_json::json!({"id": 4})
+    );
+    assert_eq!(mock.account("live").probes, 1);
+
+    let expired = mock.issue_user("expired", HOUR + Duration::from_secs(1));
+    assert_eq!(
+        me(&mock, Some(&expired.access_token)).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            invalid_token("The access token expired"),
+            String::new()
+        )
+    );
+    assert_eq!(mock.account("expired").probes, 1);
+
+    let revoked = mock.issue_user("revoked", Duration::ZERO);
+    mock.revoke_account("revoked");
+    assert_eq!(
+        me(&mock, Some(&revoked.access_token)).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            invalid_token("The access token was revoked"),
+            String::new()
+        )
+    );
+    assert_eq!(mock.account("revoked").probes, 1);
+
+    assert_eq!(
+        me(&mock, Some("no-such-token")).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            invalid_token("The access token is invalid"),
+            String::new()
+        )
+    );
+    assert_eq!(
+        me(&mock, None).await,
+        (
+            StatusCode::UNAUTHORIZED,
+            invalid_token("The access token is invalid"),
+            String::new()
+        )
+    );
+    let logged: Vec<(u16, Option<String>)> = mock
+        .requests()
+        .into_iter()
+        .inspect(|r| assert_eq!(r.endpoint, Endpoint::Me))
+        .map(|r| (r.status, r.account))
+        .collect();
+    assert_eq!(
+        logged,
+        vec![
+            (200, Some("live".to_owned())),
+            (401, Some("expired".to_owned())),
+            (401, Some("revoked".to_owned())),
+            (401, None),
+            (401, None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn api_me_is_a_use_that_retires_the_previous_pair() {
+    let mock = start(MockConfig::default()).await;
+    let old = mock.issue_user("u", Duration::ZERO);
+    let old_refresh = old.refresh_token.clone().expect("refresh");
+    let (status, body) = refresh(&mock, &old_refresh).await;
+    assert_eq!(status, 200);
+    // Revoke on use: until the new access token is used, the old pair lives on.
+    assert!(mock.refresh_token_live(&old_refresh));
+    assert_eq!(me(&mock, Some(&old.access_token)).await.0, 200);
+    let new_access = body["access_token"].as_str().expect("access");
+    assert_eq!(me(&mock, Some(new_access)).await.0, 200);
+    assert!(!mock.refresh_token_live(&old_refresh));
+    assert_eq!(
+        me(&mock, Some(&old.access_token)).await.1,
+        invalid_token("The access token was revoked")
+    );
+    assert_eq!(refresh(&mock, &old_refresh).await.0, 400);
 }
 
 // ---- 7. The request log ---------------------------------------------------------------------
