@@ -17,6 +17,9 @@ pub struct AccountStats {
     /// Expiry (unix ms) of the newest access token issued.
     pub current_expiry_ms: Option<i64>,
     pub probes: u64,
+    /// Revoke calls (valid client, answered `200`) naming a token of this account, whether or
+    /// not they revoked anything (Doorkeeper answers the same either way).
+    pub revocations: u64,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -32,6 +35,8 @@ pub struct Totals {
     pub max_in_flight: usize,
     /// Times two token requests for one account were in flight at once.
     pub concurrent_same_account: u64,
+    /// Revoke calls with valid client credentials (all answered `200`, whatever the token).
+    pub revocations: u64,
     /// Serial mode: most requests waiting or in service at once.
     pub max_queued: usize,
 }
@@ -86,6 +91,8 @@ pub(crate) struct Inner {
     pub(crate) headroom_ms: Vec<i64>,
     /// Every answer of every endpoint: (unix ms, endpoint, status, account).
     pub(crate) requests: Vec<(i64, Endpoint, u16, Option<u32>)>,
+    /// Every revoke answer: (unix ms, status, account).
+    pub(crate) revoke_log: Vec<(i64, u16, Option<u32>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,10 +189,22 @@ impl Inner {
             .or_else(|| self.dead_access.get(token).copied())
     }
 
-    /// Enters one answer in the request log.
+    /// Enters one answer in the request log (and the revoke log, for revocations).
     pub(crate) fn log_request(&mut self, endpoint: Endpoint, status: u16, account: Option<u32>) {
         let now = self.now_ms();
         self.requests.push((now, endpoint, status, account));
+        if endpoint == Endpoint::Revoke {
+            self.revoke_log.push((now, status, account));
+        }
+    }
+
+    /// Whether this refresh token would be exchanged (with valid client credentials) now.
+    pub(crate) fn refresh_usable(&self, refresh: &str, now: i64) -> bool {
+        let ttl = self.config.refresh_ttl;
+        self.by_refresh
+            .get(refresh)
+            .and_then(|a| self.records.get(a))
+            .is_some_and(|r| ttl.is_none_or(|t| r.created_ms + t.as_millis() as i64 > now))
     }
 
     pub(crate) fn access_valid(&self, access: &str, now: i64) -> Option<&Rec> {

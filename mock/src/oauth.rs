@@ -215,6 +215,10 @@ fn revoke_answer(g: &mut Inner, p: &HashMap<String, String>) -> Response {
     }
     let now = g.now_ms();
     let token = p.get("token").cloned().unwrap_or_default();
+    g.totals.revocations += 1;
+    if let Some(a) = g.token_account(&token) {
+        g.accounts[a as usize].1.revocations += 1;
+    }
     if let Some(access) = g.by_refresh.get(&token).cloned() {
         // Doorkeeper 5.5 quirk: by refresh token, a record whose access token expired is not revoked.
         if g.access_valid(&access, now).is_some() {

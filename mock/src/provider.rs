@@ -61,6 +61,7 @@ impl MockProvider {
             also_accepted: None,
             headroom_ms: Vec::new(),
             requests: Vec::new(),
+            revoke_log: Vec::new(),
         }));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let state = AppState {
@@ -242,6 +243,31 @@ impl MockProvider {
     /// Serial mode: requests waiting or in service now (always 0 otherwise).
     pub fn queued(&self) -> usize {
         self.serial.queued()
+    }
+
+    /// How many refresh tokens of `account` the server would exchange (with valid client
+    /// credentials) right now: live records, within `refresh_ttl`.
+    pub fn usable_refresh_tokens(&self, account: &str) -> usize {
+        let g = self.lock();
+        let Some(&idx) = g.account_ids.get(account) else {
+            return 0;
+        };
+        let now = g.now_ms();
+        g.by_refresh
+            .iter()
+            .filter(|(_, access)| g.records.get(*access).is_some_and(|r| r.account == idx))
+            .filter(|(refresh, _)| g.refresh_usable(refresh, now))
+            .count()
+    }
+
+    /// Revoke answers so far: (unix ms, status, account the token belonged to), faults included
+    /// (status 0 for those that never answer).
+    pub fn revoke_log(&self) -> Vec<(i64, u16, Option<String>)> {
+        let g = self.lock();
+        g.revoke_log
+            .iter()
+            .map(|(t, s, a)| (*t, *s, a.map(|i| g.accounts[i as usize].0.clone())))
+            .collect()
     }
 
     /// Every request to every endpoint so far, in the order answered.

@@ -1,5 +1,5 @@
 //! The mock over real loopback HTTP: redirects and the hostile host, odd 200s that rotate, the
-//! serial queue and work that outlives its client, `/api/me`, the request log.
+//! serial queue and work that outlives its client, revocation books, `/api/me`, the request log.
 
 use std::time::Duration;
 
@@ -218,6 +218,7 @@ async fn every_endpoint_takes_faults() {
     }
     // The faulted revoke revoked nothing, and the faulted probes used nothing.
     assert!(mock.refresh_token_live(&rt));
+    assert_eq!(mock.totals().revocations, 0);
     assert_eq!(mock.account("u").probes, 0);
     let logged: Vec<(Endpoint, u16)> = mock
         .requests()
@@ -233,6 +234,7 @@ async fn every_endpoint_takes_faults() {
             (Endpoint::Me, 302),
         ]
     );
+    assert_eq!(mock.revoke_log().len(), 1);
 
     // Status faults too, and the endpoint works again once the queue is spent.
     mock.push_faults(
@@ -374,6 +376,7 @@ async fn odd_200s_rotate_and_alter_one_thing() {
                 assert!(!map.contains_key("refresh_token"));
                 // The server did rotate: the new token exists, unknown to the client.
                 assert!(mock.refresh_token_live(&new_refresh));
+                assert_eq!(mock.usable_refresh_tokens("u"), 1);
             }
         }
         let alters_expiry = matches!(
@@ -631,6 +634,132 @@ async fn api_me_is_a_use_that_retires_the_previous_pair() {
         invalid_token("The access token was revoked")
     );
     assert_eq!(refresh(&mock, &old_refresh).await.0, 400);
+}
+
+// ---- 6. Revocation books --------------------------------------------------------------------
+
+/// Rotates `account` `n` times, each time with the newest refresh token, never using the new
+/// access tokens. Returns the refresh tokens it superseded, oldest first.
+async fn rotate(mock: &MockProvider, account: &str, first: &str, n: usize) -> Vec<String> {
+    let mut superseded = Vec::new();
+    let mut current = first.to_owned();
+    for _ in 0..n {
+        let (status, body) = refresh(mock, &current).await;
+        assert_eq!(status, 200);
+        superseded.push(current);
+        current = body["refresh_token"].as_str().expect("refresh").to_owned();
+    }
+    assert_eq!(mock.newest(account).and_then(|n| n.1), Some(current));
+    superseded
+}
+
+#[tokio::test]
+async fn revoke_on_use_keeps_every_unused_rotation_usable_until_revoked() {
+    let mock = start(MockConfig::default()).await;
+    let first = seeded_refresh(&mock, "u", Duration::ZERO);
+    let other = seeded_refresh(&mock, "other", Duration::ZERO);
+    assert_eq!(mock.usable_refresh_tokens("u"), 1);
+    let superseded = rotate(&mock, "u", &first, 3).await;
+    assert_eq!(mock.usable_refresh_tokens("u"), 4);
+    assert_eq!(mock.usable_refresh_tokens("other"), 1);
+    assert_eq!(mock.usable_refresh_tokens("nobody"), 0);
+
+    for old in &superseded {
+        assert_eq!(
+            revoke(&mock, old, "mock-secret").await,
+            (StatusCode::OK, "{}".to_owned())
+        );
+    }
+    assert_eq!(mock.usable_refresh_tokens("u"), 1);
+    for old in &superseded {
+        assert_eq!(refresh(&mock, old).await.0, 400, "revoked");
+    }
+    assert_eq!(mock.account("u").revocations, 3);
+
+    // Wrong client: refused, not counted, still logged.
+    assert_eq!(
+        revoke(&mock, &other, "wrong").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert!(mock.refresh_token_live(&other));
+    // An unknown token: 200 all the same, counted in the totals only.
+    assert_eq!(revoke(&mock, "no-such-token", "mock-secret").await.0, 200);
+    assert_eq!(mock.account("other").revocations, 0);
+    assert_eq!(mock.totals().revocations, 4);
+    let log: Vec<(u16, Option<String>)> = mock
+        .revoke_log()
+        .into_iter()
+        .map(|(_, s, a)| (s, a))
+        .collect();
+    let u = Some("u".to_owned());
+    assert_eq!(
+        log,
+        vec![
+            (200, u.clone()),
+            (200, u.clone()),
+            (200, u),
+            (403, Some("other".to_owned())),
+            (200, None),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn revoke_on_use_a_use_retires_only_the_pair_before() {
+    let mock = start(MockConfig::default()).await;
+    let first = seeded_refresh(&mock, "u", Duration::ZERO);
+    rotate(&mock, "u", &first, 2).await;
+    assert_eq!(mock.usable_refresh_tokens("u"), 3);
+    let (newest_access, _) = mock.newest("u").expect("newest");
+    assert_eq!(me(&mock, Some(&newest_access)).await.0, 200);
+    assert_eq!(mock.usable_refresh_tokens("u"), 2);
+    assert!(
+        mock.refresh_token_live(&first),
+        "two rotations back: still live"
+    );
+}
+
+#[tokio::test]
+async fn immediate_rotation_leaves_one_usable_token() {
+    let mock = immediate().await;
+    let first = seeded_refresh(&mock, "u", Duration::ZERO);
+    rotate(&mock, "u", &first, 3).await;
+    assert_eq!(mock.usable_refresh_tokens("u"), 1);
+    let (_, newest) = mock.newest("u").expect("newest");
+    let newest = newest.expect("refresh");
+    assert_eq!(revoke(&mock, &newest, "mock-secret").await.0, 200);
+    assert_eq!(mock.usable_refresh_tokens("u"), 0);
+    assert_eq!(mock.account("u").revocations, 1);
+}
+
+#[tokio::test]
+async fn usable_refresh_tokens_respects_refresh_ttl() {
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let mock = start(MockConfig {
+        refresh_ttl: Some(week),
+        ..MockConfig::default()
+    })
+    .await;
+    let stale = seeded_refresh(&mock, "stale", week + Duration::from_secs(60));
+    let fresh = seeded_refresh(&mock, "fresh", week - Duration::from_secs(60));
+    assert_eq!(mock.usable_refresh_tokens("stale"), 0);
+    assert_eq!(mock.usable_refresh_tokens("fresh"), 1);
+    assert_eq!(refresh(&mock, &stale).await.0, 400);
+    assert_eq!(refresh(&mock, &fresh).await.0, 200);
+}
+
+#[tokio::test]
+async fn revoking_by_refresh_token_after_its_access_token_expired_revokes_nothing() {
+    let mock = start(MockConfig::default()).await;
+    let rt = seeded_refresh(&mock, "u", HOUR + Duration::from_secs(1));
+    assert_eq!(
+        revoke(&mock, &rt, "mock-secret").await,
+        (StatusCode::OK, "{}".to_owned())
+    );
+    // Doorkeeper 5.5: 200, counted as a call, but the refresh token still works.
+    assert_eq!(mock.account("u").revocations, 1);
+    assert_eq!(mock.usable_refresh_tokens("u"), 1);
+    assert_eq!(refresh(&mock, &rt).await.0, 200);
 }
 
 // ---- 7. The request log ---------------------------------------------------------------------
