@@ -63,7 +63,10 @@ impl Breakers {
         let Ok(m) = self.circuits.lock() else {
             return Admit::Yes;
         };
-        match m.get(profile).and_then(|c| c.open_until.map(|u| (u, c.probing))) {
+        match m
+            .get(profile)
+            .and_then(|c| c.open_until.map(|u| (u, c.probing)))
+        {
             None => Admit::Yes,
             Some((until, probing)) if now < until || probing => Admit::Defer(until.max(now) + 1),
             Some(_) => Admit::Probe,

@@ -263,7 +263,11 @@ async fn import(config: &Config, file: &Path, replace: bool) -> i32 {
             eprintln!(
                 "tokend: {} {} already linked; nothing was imported (use --replace to overwrite their grants):",
                 ids.len(),
-                if ids.len() == 1 { "account is" } else { "accounts are" }
+                if ids.len() == 1 {
+                    "account is"
+                } else {
+                    "accounts are"
+                }
             );
             for id in ids {
                 eprintln!("  {id}");
@@ -359,7 +363,10 @@ async fn token(config: &Config, id: &str, min_ttl: Duration) -> i32 {
         }
     };
     let now = clock.now();
-    let serves = matches!(account.state, State::Active | State::Failing | State::Paused);
+    let serves = matches!(
+        account.state,
+        State::Active | State::Failing | State::Paused
+    );
     let left = match account.token_type {
         TokenType::User => account.expires_at.map(|e| e - now),
         TokenType::Company => Some(i64::MAX),
@@ -502,11 +509,7 @@ pub fn render_status(h: &health::Health, age: i64, stale: bool) -> String {
         );
     }
     if let Some(f) = &h.oldest_failure {
-        s += &format!(
-            "failing longest: {} since {}\n",
-            f.id,
-            rfc3339(f.since)
-        );
+        s += &format!("failing longest: {} since {}\n", f.id, rfc3339(f.since));
     }
     for (kind, e) in &h.last_errors {
         s += &format!("last {kind} error ({}): {}\n", rfc3339(e.at), e.message);

@@ -49,7 +49,8 @@ impl Clock {
                 offset,
             } => {
                 let elapsed = tokio::time::Instant::now().duration_since(*start);
-                base + elapsed.as_millis() as i64 + offset.load(std::sync::atomic::Ordering::Relaxed)
+                base + elapsed.as_millis() as i64
+                    + offset.load(std::sync::atomic::Ordering::Relaxed)
             }
         }
     }

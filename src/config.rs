@@ -92,6 +92,9 @@ pub struct DaemonConfig {
     pub revocation_confirm_delay: Dur,
     /// Spacing between two revocation probes to the same profile (its request rate limit).
     pub probe_interval: Dur,
+    /// How long a write waits for another program's lock on the database before it fails (and
+    /// the outcome is held and retried; a rotated pair goes to the recovery journal).
+    pub store_busy_timeout: Dur,
     /// A refresh is never due sooner than this after the token was issued (at least 1s).
     pub min_refresh_interval: Dur,
     /// Hard ceiling of token requests per account per hour (at least 1).
@@ -121,6 +124,7 @@ impl Default for DaemonConfig {
             revocation_schedule: "0 */15 * * * *".to_owned(),
             revocation_confirm_delay: Dur::from_secs(30),
             probe_interval: Dur(Duration::from_millis(200)),
+            store_busy_timeout: Dur::from_secs(5),
             min_refresh_interval: Dur::from_secs(60),
             max_token_requests_per_hour: 30,
         }

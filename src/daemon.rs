@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::{Engine, Ended};
+use crate::engine::{Ended, Engine};
 use crate::health::{self, DaemonInfo};
 use crate::journal::Journal;
 use crate::revocation::{self, Checker};
@@ -154,7 +154,10 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         tracing::warn!("{w}");
     }
     let clock = control.clock.clone();
-    let (store, warnings) = Store::open(&config.daemon.database)?;
+    let (store, warnings) = Store::open_waiting(
+        &config.daemon.database,
+        config.daemon.store_busy_timeout.get(),
+    )?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -358,7 +361,9 @@ async fn reload(
         Err(e) => return failed(&e.to_string()),
     };
     if new.daemon.database != shared.runtime().config.daemon.database {
-        tracing::warn!("daemon.database changed; that takes a restart, the old database stays in use");
+        tracing::warn!(
+            "daemon.database changed; that takes a restart, the old database stays in use"
+        );
     }
     for w in &new.warnings {
         tracing::warn!("{w}");

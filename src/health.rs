@@ -268,9 +268,7 @@ pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
     let mut store_error = stats.store_error();
     // Counting every account is the costly part; do it only when something changed.
     let generation = stats.generation.load(Ordering::Relaxed);
-    let cached = lock(&info.counted)
-        .clone()
-        .filter(|c| c.0 == generation);
+    let cached = lock(&info.counted).clone().filter(|c| c.0 == generation);
     let (accounts, mut profiles, attention) = match cached {
         Some((_, counted)) => counted,
         None => match count(shared).await {

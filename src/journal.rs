@@ -170,7 +170,10 @@ impl Journal {
         let line = Line {
             account: r.account.clone(),
             presented_sha256: r.presented_sha256.clone(),
-            access_token: r.access_token.as_ref().map(|s| s.expose_secret().to_owned()),
+            access_token: r
+                .access_token
+                .as_ref()
+                .map(|s| s.expose_secret().to_owned()),
             refresh_token: r
                 .refresh_token
                 .as_ref()
@@ -262,7 +265,10 @@ mod tests {
             Some("r2")
         );
         assert!(!format!("{:?}", r[0]).contains("r2"), "Debug shows a token");
-        let mode = std::fs::metadata(j.path()).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(j.path())
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(std::fs::metadata(j.path()).expect("meta").len() >= RESERVE);
         j.clear().expect("clear");

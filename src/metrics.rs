@@ -61,12 +61,9 @@ impl Default for Metrics {
             breaker_open: Family::default(),
             in_flight: Gauge::default(),
             concurrency_limit: Family::default(),
-            commit_duration: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-                ]
-                .into_iter(),
-            ),
+            commit_duration: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
             api_requests: Family::default(),
             notifications: Family::default(),
             notify_backlog: Family::default(),
@@ -224,7 +221,9 @@ impl Metrics {
             self.headroom.get_or_create(&profile(&p)).set(secs);
         }
         for (p, paused, open) in now.profiles {
-            self.paused.get_or_create(&profile(&p)).set(i64::from(paused));
+            self.paused
+                .get_or_create(&profile(&p))
+                .set(i64::from(paused));
             self.breaker_open
                 .get_or_create(&profile(&p))
                 .set(i64::from(open));

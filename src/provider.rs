@@ -118,7 +118,10 @@ impl Provider {
             refresh_token.expose_secret(),
             profile.client_secret.expose_secret(),
         ];
-        match self.exchange(self.http.post(url).form(&form), unix(now)).await {
+        match self
+            .exchange(self.http.post(url).form(&form), unix(now))
+            .await
+        {
             Ok(a) => classify(a.status, &a.body, a.retry_after, now, &secrets),
             Err(Failed::Redirect { status, target }) => Err(RefreshError::Misconfigured {
                 code: format!("http {status}"),

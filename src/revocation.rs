@@ -317,6 +317,7 @@ impl Verdict {
 pub fn next_run(cron: &str, now: i64) -> Option<i64> {
     let schedule = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
         .build()
         .parse(cron)
         .ok()?;

@@ -367,9 +367,20 @@ mod tests {
         let me = owner_id();
         assert!(!owner_is_dead(&me), "this process is alive");
         let parts: Vec<&str> = me.split(':').collect();
-        // Same pid, another start time: a reused pid.
-        let reused = format!("{}:{}:{}:x", parts[0], parts[1], 1);
-        assert!(owner_is_dead(&reused) || parts[2] == "1");
+        // A process that has exited.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        let start = start_ticks(pid).unwrap_or(0);
+        child.wait().expect("wait");
+        assert!(owner_is_dead(&format!("{}:{pid}:{start}:x", parts[0])));
+        // A live pid started at another time: a reused pid, not the owner.
+        let reused = format!("{}:1:{}:x", parts[0], start_ticks(1).unwrap_or(0) + 1);
+        assert!(owner_is_dead(&reused));
+        let init = format!("{}:1:{}:x", parts[0], start_ticks(1).unwrap_or(0));
+        assert!(
+            !owner_is_dead(&init),
+            "pid 1 with its own start time is alive"
+        );
         let other_host = format!("elsewhere:{}:{}:x", parts[1], parts[2]);
         assert!(!owner_is_dead(&other_host), "another host cannot be judged");
         assert!(!owner_is_dead("cli-123"));

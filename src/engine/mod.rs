@@ -72,6 +72,8 @@ pub struct Engine {
     flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
     tracker: TaskTracker,
     hard_stop: CancellationToken,
+    /// tokend itself marked rows for evaluation (resumed, relinked): look for new rows.
+    fresh: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -82,7 +84,15 @@ impl Engine {
             flights: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             hard_stop,
+            fresh: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Rows were marked for evaluation by tokend itself (its own commits do not move
+    /// `data_version`): look at them now.
+    pub fn evaluate_soon(&self) {
+        self.fresh.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -105,15 +115,8 @@ impl Engine {
             let Some(profile) = rt.config.profile(&p.name) else {
                 continue;
             };
-            s.pauses.restore(
-                &p.name,
-                &p.reason,
-                p.since,
-                &p.fingerprint,
-                &fingerprint(profile),
-                now,
-                pause_initial(&rt),
-            );
+            s.pauses
+                .restore(&p, &fingerprint(profile), now, pause_initial(&rt));
             tracing::warn!(profile = %p.name, reason = %p.reason, since = %crate::clock::rfc3339(p.since),
                 "profile paused by a previous run; it is retried with one request");
         }
@@ -156,6 +159,7 @@ impl Engine {
             }
             let rt = s.runtime();
             let now = s.clock.now();
+            turn.look_for_new |= self.fresh.swap(false, Ordering::Relaxed);
             turn.dirty |= self.retry_paused(&rt, now).await;
             let may_be_due =
                 turn.dirty || turn.look_for_new || turn.known_next.is_none_or(|t| t <= now);
@@ -192,9 +196,14 @@ impl Engine {
             };
             let poll_in = CHANGE_POLL.saturating_sub(turn.last_poll.elapsed());
             let sleep = until_due.min(poll_in);
-            let slots_full = s.limits.in_flight() >= rt.config.daemon.max_concurrent_refreshes.get();
+            let slots_full =
+                s.limits.in_flight() >= rt.config.daemon.max_concurrent_refreshes.get();
             if !sleep.is_zero() || (more && slots_full) {
-                let sleep = if sleep.is_zero() { poll_in.max(Duration::from_millis(10)) } else { sleep };
+                let sleep = if sleep.is_zero() {
+                    poll_in.max(Duration::from_millis(10))
+                } else {
+                    sleep
+                };
                 tokio::select! {
                     _ = stop.cancelled() => break Ended::Stopped,
                     _ = tokio::time::sleep(sleep) => {}
@@ -453,7 +462,10 @@ impl Engine {
                 s.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
                 // The server answered: as far as the breaker is concerned, it works.
                 self.breaker_record(rt, profile, false, now).await;
-                s.record_error("refresh", r.change.last_error.as_deref().unwrap_or_default());
+                s.record_error(
+                    "refresh",
+                    r.change.last_error.as_deref().unwrap_or_default(),
+                );
             }
             Err(RefreshError::Misconfigured { .. }) => {
                 s.stats.refreshes_failed.fetch_add(1, Ordering::Relaxed);
@@ -484,10 +496,7 @@ impl Engine {
                 refresh_lead_s = d.refresh_lead.as_secs_i64(), refresh_jitter_s = d.refresh_jitter.as_secs_i64(),
                 "refresh_lead does not fit this profile's token lifetime: refreshing at half the lifetime instead (said once per profile)");
         }
-        let rotated = r
-            .tokens
-            .as_ref()
-            .is_some_and(|t| t.refresh_token.is_some());
+        let rotated = r.tokens.as_ref().is_some_and(|t| t.refresh_token.is_some());
         let new_refresh = r.tokens.as_ref().and_then(|t| t.refresh_token.clone());
         let next = r.change.next_action_at;
         let guard = if r.tokens.is_some() {
@@ -631,7 +640,7 @@ impl Engine {
             Ok(n) => {
                 tracing::info!(profile = %profile.name, accounts = n, "profile works again; its accounts resume");
                 s.state_changed();
-                self.wake.notify_one();
+                self.evaluate_soon();
             }
             Err(e) => {
                 tracing::error!(profile = %profile.name, error = %e, "cannot resume profile accounts")
@@ -676,7 +685,8 @@ impl Engine {
         let names: Vec<String> = rt.config.profiles.iter().map(|p| p.name.clone()).collect();
         match self.shared.store.reevaluate_orphans(names).await {
             Ok(n) if n > 0 => {
-                tracing::info!(accounts = n, "re-evaluating accounts whose profile changed")
+                tracing::info!(accounts = n, "re-evaluating accounts whose profile changed");
+                self.evaluate_soon();
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot re-evaluate accounts after a reload"),
@@ -703,7 +713,8 @@ impl Engine {
     async fn sweep(&self, rt: &Runtime, now: i64) {
         let s = &self.shared;
         let d = &rt.config.daemon;
-        let before = now - (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64;
+        let before =
+            now - (d.refresh_token_lifetime.get() - d.refresh_token_margin.get()).as_secs() as i64;
         match s.store.sweep(before, now).await {
             Ok(found) => {
                 for (id, profile) in &found.at_risk {
@@ -764,7 +775,10 @@ impl Engine {
         if let Some(p) = account.profile.as_deref()
             && let Admit::Defer(until) = s.breakers.peek(p, now)
         {
-            return OnDemand::NotBefore(until, "most requests to its profile fail (circuit open)".into());
+            return OnDemand::NotBefore(
+                until,
+                "most requests to its profile fail (circuit open)".into(),
+            );
         }
         let config = rt.clone();
         let claimed = s
@@ -797,8 +811,9 @@ impl Engine {
                 match ch.next_action_at {
                     Some(t) if ch.to.is_schedulable() => OnDemand::NotBefore(
                         t,
-                        ch.last_error
-                            .unwrap_or_else(|| "too soon after the last refresh (minimum gap)".into()),
+                        ch.last_error.unwrap_or_else(|| {
+                            "too soon after the last refresh (minimum gap)".into()
+                        }),
                     ),
                     _ => OnDemand::Refused(ch.reason.unwrap_or_else(|| ch.to.to_string())),
                 }
@@ -832,11 +847,7 @@ fn groups(rt: &Runtime) -> Vec<Option<String>> {
         .collect()
 }
 
-fn admission_of(
-    rt: &Runtime,
-    paused: &HashMap<String, Admission>,
-    a: &Account,
-) -> Admission {
+fn admission_of(rt: &Runtime, paused: &HashMap<String, Admission>, a: &Account) -> Admission {
     rt.config
         .profile_for(a.profile.as_deref())
         .and_then(|p| paused.get(&p.name).copied())
@@ -844,7 +855,11 @@ fn admission_of(
 }
 
 fn pause_initial(rt: &Runtime) -> Duration {
-    rt.config.daemon.retry_initial.get().max(Duration::from_secs(30))
+    rt.config
+        .daemon
+        .retry_initial
+        .get()
+        .max(Duration::from_secs(30))
 }
 
 /// A fingerprint of everything about a profile that affects its requests, so a reload (or a

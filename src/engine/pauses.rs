@@ -40,25 +40,22 @@ impl Pauses {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Take back a pause recorded by a previous run: retried at once if the settings changed,
-    /// else after `initial`.
+    /// Take back a pause recorded by a previous run (`recorded`): retried at once if the
+    /// profile's settings changed since (`current` fingerprint), else after `initial`.
     pub fn restore(
         &self,
-        profile: &str,
-        reason: &str,
-        since: i64,
-        recorded: &str,
+        recorded: &crate::store::PausedProfile,
         current: &str,
         now: i64,
         initial: Duration,
     ) {
-        let changed = recorded != current;
+        let changed = recorded.fingerprint != current;
         self.lock().insert(
-            profile.to_owned(),
+            recorded.name.clone(),
             Pause {
-                reason: reason.to_owned(),
-                since,
-                fingerprint: recorded.to_owned(),
+                reason: recorded.reason.clone(),
+                since: recorded.since,
+                fingerprint: recorded.fingerprint.clone(),
                 retry_at: if changed {
                     now
                 } else {
@@ -233,13 +230,22 @@ mod tests {
         assert!(!p.is_paused("x"));
     }
 
+    fn recorded(fingerprint: &str) -> crate::store::PausedProfile {
+        crate::store::PausedProfile {
+            name: "x".into(),
+            reason: "bad".into(),
+            since: 50,
+            fingerprint: fingerprint.into(),
+        }
+    }
+
     #[test]
     fn a_restored_pause_with_other_settings_is_retried_at_once() {
         let p = Pauses::default();
-        p.restore("x", "bad", 50, "old", "new", 100, I);
+        p.restore(&recorded("old"), "new", 100, I);
         assert_eq!(p.due(100, |_| Some("new".into())).len(), 1);
         let q = Pauses::default();
-        q.restore("x", "bad", 50, "same", "same", 100, I);
+        q.restore(&recorded("same"), "same", 100, I);
         assert!(q.due(100, |_| Some("same".into())).is_empty());
         assert_eq!(q.list(), vec![("x".into(), "bad".into(), 50)]);
     }

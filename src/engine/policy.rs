@@ -302,8 +302,9 @@ pub fn plan(cx: &Cx<'_>, a: &Account, admission: Admission) -> Decision {
 /// What a claim of a company row for a revocation probe decides.
 pub fn plan_probe(cx: &Cx<'_>, a: &Account) -> Decision {
     match check(cx.config, &Fields::of(a)) {
-        Ok(_) if a.token_type == TokenType::Company
-            && matches!(a.state, State::Active | State::Failing) =>
+        Ok(_)
+            if a.token_type == TokenType::Company
+                && matches!(a.state, State::Active | State::Failing) =>
         {
             Decision::Probe
         }
@@ -362,7 +363,9 @@ pub fn refreshed(
             let Some(access) = &g.access_token else {
                 // The refresh token was rotated (kept), but there is no access token: try
                 // again after the minimum gap.
-                let reason = "the provider rotated the refresh token but sent no usable access token".to_owned();
+                let reason =
+                    "the provider rotated the refresh token but sent no usable access token"
+                        .to_owned();
                 let next = now + d.min_refresh_interval.as_secs_i64();
                 let mut c = change(a, State::Failing, Some(reason.clone()), Some(next));
                 c.failures = a.failures.saturating_add(1);

@@ -592,8 +592,13 @@ pub type Warnings = Vec<String>;
 impl Store {
     /// Open (creating it, mode 0600, if needed) and migrate the database.
     pub fn open(path: &Path) -> Result<(Store, Warnings), StoreError> {
+        Store::open_waiting(path, BUSY_TIMEOUT)
+    }
+
+    /// As [`Store::open`], with writes waiting up to `busy` for another program's lock.
+    pub fn open_waiting(path: &Path, busy: Duration) -> Result<(Store, Warnings), StoreError> {
         let warnings = schema::prepare_file(path)?;
-        let mut conn = schema::open_writer(path)?;
+        let mut conn = schema::open_writer(path, busy)?;
         schema::migrate(&mut conn, path)?;
         let identity = Identity::of(path).ok();
         let reader = schema::open_reader(path)?;
@@ -978,7 +983,10 @@ impl Store {
     pub async fn close(&self) {
         let checkpoint = self
             .writer
-            .run(|c| Ok(c.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?))
+            .run(|c| {
+                Ok(c.conn
+                    .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)
+            })
             .await;
         if let Err(e) = checkpoint
             && !matches!(e, StoreError::Closed)

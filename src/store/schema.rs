@@ -10,6 +10,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Transaction};
 
 use super::{BUSY_TIMEOUT, StoreError};
+use std::time::Duration;
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = 2;
@@ -56,14 +57,14 @@ pub(super) fn prepare_file(path: &Path) -> Result<Vec<String>, StoreError> {
     Ok(warnings)
 }
 
-pub(super) fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+pub(super) fn open_writer(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     let err = open_err(path);
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(&err)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+    conn.busy_timeout(busy).map_err(&err)?;
     // WAL lets other programs read (and link accounts) while tokend writes; FULL makes every
     // commit durable before tokend acts on the token it holds.
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -158,7 +159,6 @@ fn v1(tx: &Transaction<'_>) -> Result<(), String> {
     );
     CREATE INDEX accounts_due ON accounts (next_action_at) WHERE next_action_at IS NOT NULL;
     CREATE INDEX accounts_state ON accounts (state, token_type, profile);
-    CREATE INDEX accounts_state_since ON accounts (state, state_since);
     CREATE INDEX accounts_refresh_age ON accounts (refresh_issued_at) WHERE token_type = 'user';
     CREATE TABLE account_events (
         seq        INTEGER PRIMARY KEY,
@@ -421,7 +421,9 @@ fn v2(tx: &Transaction<'_>) -> Result<(), String> {
     }
     tx.execute_batch(V2_TABLES).map_err(sql)?;
     let int = |c: &str| {
-        format!("CASE WHEN typeof({c}) IN ('text', 'real') THEN CAST(trim({c}) AS INTEGER) ELSE {c} END")
+        format!(
+            "CASE WHEN typeof({c}) IN ('text', 'real') THEN CAST(trim({c}) AS INTEGER) ELSE {c} END"
+        )
     };
     let copy = format!(
         "INSERT INTO accounts_v2 (id, profile, token_type, access_token, refresh_token, expires_at,
@@ -466,4 +468,3 @@ fn describe(v: ValueRef<'_>) -> String {
         ValueRef::Blob(b) => format!("a {}-byte blob", b.len()),
     }
 }
-

@@ -96,11 +96,14 @@ fn read_account(r: &Row<'_>) -> (i64, Result<Account, RowProblem>) {
     )
 }
 
+/// A row read by rowid: the account, or why it cannot be read.
+type ReadRow = (i64, Result<Account, RowProblem>);
+
 fn select_accounts(
     tx: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
-) -> Result<Vec<(i64, Result<Account, RowProblem>)>, StoreError> {
+) -> Result<Vec<ReadRow>, StoreError> {
     let mut stmt = tx.prepare_cached(sql)?;
     let mut rows = stmt.query(params)?;
     let mut out = Vec::new();
@@ -185,7 +188,12 @@ fn apply_change(
 }
 
 /// Mark a row that cannot be read `invalid`, by rowid.
-fn mark_unreadable(tx: &Connection, rowid: i64, p: &RowProblem, now: i64) -> Result<(), StoreError> {
+fn mark_unreadable(
+    tx: &Connection,
+    rowid: i64,
+    p: &RowProblem,
+    now: i64,
+) -> Result<(), StoreError> {
     tx.prepare_cached(
         "UPDATE accounts SET state_since = CASE WHEN state = 'invalid' THEN state_since ELSE ?3 END,
             state = 'invalid', state_reason = ?2, last_error = ?2,
@@ -398,31 +406,33 @@ pub(super) fn claim_one(
 
 pub(super) fn commit_group(conn: &mut Conn, group: Vec<(Box<Outcome>, Reply<Committed>)>) {
     let on_commit = conn.on_commit.clone();
-    let (result, took) = timed(|| -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-        conn.check_identity()?;
-        let mut tx = immediate(&mut conn.conn)?;
-        let mut out = Vec::with_capacity(group.len());
-        for (o, _) in &group {
-            // A savepoint per outcome: one outcome's odd failure does not sink the others.
-            let sp = tx.savepoint()?;
-            match commit_one(&sp, o) {
-                Ok(c) => {
-                    sp.commit()?;
-                    out.push(Ok(c));
-                }
-                Err(e) if e.is_transient() => return Err(e),
-                Err(e) => {
-                    drop(sp);
-                    out.push(Err(e));
+    let (result, took) = timed(
+        || -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+            conn.check_identity()?;
+            let mut tx = immediate(&mut conn.conn)?;
+            let mut out = Vec::with_capacity(group.len());
+            for (o, _) in &group {
+                // A savepoint per outcome: one outcome's odd failure does not sink the others.
+                let sp = tx.savepoint()?;
+                match commit_one(&sp, o) {
+                    Ok(c) => {
+                        sp.commit()?;
+                        out.push(Ok(c));
+                    }
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => {
+                        drop(sp);
+                        out.push(Err(e));
+                    }
                 }
             }
-        }
-        tx.commit()?;
-        // Committed to the file we opened; if that is no longer the file at the path, these
-        // outcomes are not durable where the next start will look.
-        conn.check_identity()?;
-        Ok(out)
-    });
+            tx.commit()?;
+            // Committed to the file we opened; if that is no longer the file at the path, these
+            // outcomes are not durable where the next start will look.
+            conn.check_identity()?;
+            Ok(out)
+        },
+    );
     if let Some(f) = on_commit {
         f(took);
     }
@@ -441,7 +451,14 @@ pub(super) fn commit_group(conn: &mut Conn, group: Vec<(Box<Outcome>, Reply<Comm
 }
 
 fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
-    type Current = (i64, String, Option<String>, Option<String>, Option<i64>, Option<String>);
+    type Current = (
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    );
     let current: Option<Current> = tx
         .prepare_cached(
             "SELECT rowid, state, profile, refresh_token, attempt_id, lease_owner
@@ -479,7 +496,9 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
                 profile.as_deref(),
                 None,
                 None,
-                Some("a rotated pair was not stored: the account holds another grant now (relinked, or rotated by another tokend)"),
+                Some(
+                    "a rotated pair was not stored: the account holds another grant now (relinked, or rotated by another tokend)",
+                ),
                 o.now,
             )?;
             return Ok(Committed::Superseded);
@@ -643,7 +662,9 @@ pub(super) fn recover_dead_owner(
 /// The distinct profiles among scheduled rows, by index seeks (cheap with millions of rows).
 fn scheduled_profiles(c: &Connection) -> Result<(bool, Vec<String>), StoreError> {
     let has_null = c
-        .prepare_cached("SELECT 1 FROM accounts WHERE profile IS NULL AND next_action_at > 0 LIMIT 1")?
+        .prepare_cached(
+            "SELECT 1 FROM accounts WHERE profile IS NULL AND next_action_at > 0 LIMIT 1",
+        )?
         .exists([])?;
     let mut names = Vec::new();
     let mut stmt = c.prepare_cached(
@@ -1027,9 +1048,7 @@ pub(super) fn pause_profile(
         )?;
     }
     // Rows with a request in flight keep it; their own outcome decides their state.
-    let cond = format!(
-        "{OF_PROFILE} AND state IN ('active', 'failing') AND attempt_id IS NULL"
-    );
+    let cond = format!("{OF_PROFILE} AND state IN ('active', 'failing') AND attempt_id IS NULL");
     tx.execute(
         &format!(
             "INSERT INTO account_events (kind, account_id, profile, from_state, to_state, reason, at)
@@ -1261,15 +1280,19 @@ pub(super) fn company_accounts(c: &Connection, now: i64) -> Result<Vec<Account>,
 }
 
 pub(super) fn store_id(c: &Connection) -> Result<String, StoreError> {
-    Ok(c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
-        r.get(0)
-    })?)
+    Ok(
+        c.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get(0)
+        })?,
+    )
 }
 
 pub(super) fn sweep(c: &mut Connection, before: i64, now: i64) -> Result<Swept, StoreError> {
     let tx = immediate(c)?;
     let mut out = Swept::default();
-    let pick = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<Vec<(String, Option<String>)>, StoreError> {
+    let pick = |sql: &str,
+                p: &[&dyn rusqlite::ToSql]|
+     -> Result<Vec<(String, Option<String>)>, StoreError> {
         let mut stmt = tx.prepare_cached(sql)?;
         let rows = stmt.query_map(p, |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1301,7 +1324,9 @@ pub(super) fn sweep(c: &mut Connection, before: i64, now: i64) -> Result<Swept, 
             profile.as_deref(),
             None,
             None,
-            Some("the refresh token nears the end of its lifetime; the account needs reauthorisation unless it refreshes"),
+            Some(
+                "the refresh token nears the end of its lifetime; the account needs reauthorisation unless it refreshes",
+            ),
             now,
         )?;
     }

@@ -131,7 +131,11 @@ impl Env {
             health,
         };
         // Create the schema up front so tests can insert rows before the daemon starts.
-        tokend::store::Store::open(&env.db).expect("store").0.close().await;
+        tokend::store::Store::open(&env.db)
+            .expect("store")
+            .0
+            .close()
+            .await;
         env
     }
 

@@ -158,17 +158,50 @@ async fn bad_rows_are_refused_at_their_own_insert() {
     env.add_user("good", Duration::from_secs(4000));
     let conn = env.conn();
     let refused = [
-        ("blob scopes", "INSERT INTO accounts (id, token_type, refresh_token, scopes) VALUES ('b1', 'user', 'r', x'00ff')"),
-        ("text failures", "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b2', 'user', 'r', 'x')"),
-        ("blob refresh token", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b3', 'user', x'deadbeef')"),
-        ("text expiry", "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b4', 'user', 'r', 'soon')"),
-        ("unknown token type", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b5', 'robot', 'r')"),
-        ("empty token type", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b6', '', 'r')"),
-        ("empty id", "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('', 'user', 'r')"),
-        ("padded id", "INSERT INTO accounts (id, token_type, refresh_token) VALUES (' padded ', 'user', 'r')"),
-        ("unknown state", "INSERT INTO accounts (id, token_type, refresh_token, state) VALUES ('b7', 'user', 'r', 'zombie')"),
-        ("negative failures", "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b8', 'user', 'r', -1)"),
-        ("real expiry", "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b9', 'user', 'r', 1.5)"),
+        (
+            "blob scopes",
+            "INSERT INTO accounts (id, token_type, refresh_token, scopes) VALUES ('b1', 'user', 'r', x'00ff')",
+        ),
+        (
+            "text failures",
+            "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b2', 'user', 'r', 'x')",
+        ),
+        (
+            "blob refresh token",
+            "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b3', 'user', x'deadbeef')",
+        ),
+        (
+            "text expiry",
+            "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b4', 'user', 'r', 'soon')",
+        ),
+        (
+            "unknown token type",
+            "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b5', 'robot', 'r')",
+        ),
+        (
+            "empty token type",
+            "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('b6', '', 'r')",
+        ),
+        (
+            "empty id",
+            "INSERT INTO accounts (id, token_type, refresh_token) VALUES ('', 'user', 'r')",
+        ),
+        (
+            "padded id",
+            "INSERT INTO accounts (id, token_type, refresh_token) VALUES (' padded ', 'user', 'r')",
+        ),
+        (
+            "unknown state",
+            "INSERT INTO accounts (id, token_type, refresh_token, state) VALUES ('b7', 'user', 'r', 'zombie')",
+        ),
+        (
+            "negative failures",
+            "INSERT INTO accounts (id, token_type, refresh_token, failures) VALUES ('b8', 'user', 'r', -1)",
+        ),
+        (
+            "real expiry",
+            "INSERT INTO accounts (id, token_type, refresh_token, expires_at) VALUES ('b9', 'user', 'r', 1.5)",
+        ),
     ];
     for (what, sql) in refused {
         let err = conn.execute(sql, []).expect_err(what);
@@ -184,9 +217,11 @@ async fn bad_rows_are_refused_at_their_own_insert() {
             .is_err()
     );
     let daemon = env.start();
-    eventually(Duration::from_secs(10), "the good account refreshed", || {
-        env.mock.account("good").grants == 1
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the good account refreshed",
+        || env.mock.account("good").grants == 1,
+    )
     .await;
     daemon.stop().await;
     let n: i64 = conn
@@ -252,7 +287,13 @@ async fn odd_rows_are_judged_and_never_stop_the_others() {
     .expect("insert");
 
     let daemon = env.start();
-    let odd_refreshed = ["neg-expiry", "year-9999", "no-expiry", "empty-access", "null-next"];
+    let odd_refreshed = [
+        "neg-expiry",
+        "year-9999",
+        "no-expiry",
+        "empty-access",
+        "null-next",
+    ];
     eventually(Duration::from_secs(15), "every row judged", || {
         env.conn()
             .query_row(
@@ -268,7 +309,11 @@ async fn odd_rows_are_judged_and_never_stop_the_others() {
     })
     .await;
     daemon.stop().await;
-    assert_eq!(env.mock.totals().lapses, 0, "the healthy accounts never lapsed");
+    assert_eq!(
+        env.mock.totals().lapses,
+        0,
+        "the healthy accounts never lapsed"
+    );
     for id in healthy
         .iter()
         .map(String::as_str)
@@ -300,7 +345,14 @@ async fn odd_rows_are_judged_and_never_stop_the_others() {
     // `accounts list` shows them all, the invalid ones with their reason.
     let out = env.tokend(&["accounts", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("ghost-profile") && text.contains("unknown profile"), "{text}");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("ghost-profile") && text.contains("unknown profile"),
+        "{text}"
+    );
     assert!(env.reason("bad-utf8").is_some_and(|r| r.contains("UTF-8")));
 }

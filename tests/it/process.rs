@@ -171,7 +171,10 @@ async fn a_reload_applies_a_new_lead_time_and_a_rotated_secret() {
     // Old lead: a refresh every ~8s; new lead: every ~5s (after the one scheduled before it).
     assert!(gaps[0] >= 7_000, "gaps between refreshes {gaps:?}");
     let last = gaps[gaps.len() - 1];
-    assert!((4_000..=6_500).contains(&last), "gaps between refreshes {gaps:?}");
+    assert!(
+        (4_000..=6_500).contains(&last),
+        "gaps between refreshes {gaps:?}"
+    );
     assert_eq!(health_json(&env)["config"]["last_reload_ok"], true);
     assert_eq!(env.state("u"), "active");
     assert_eq!(

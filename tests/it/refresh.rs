@@ -242,7 +242,10 @@ async fn invalid_grant_needs_reauth_until_a_new_grant_is_written() {
         )
         .expect("row");
     assert_eq!(next, None, "nothing scheduled for a dead grant");
-    assert_eq!(failures, 0, "a dead grant is not a run of transient failures");
+    assert_eq!(
+        failures, 0,
+        "a dead grant is not a run of transient failures"
+    );
     assert!(
         last_error
             .as_deref()
