@@ -688,40 +688,27 @@ fn validate(
                 ),
             ));
         }
-        let warn_loose_mode = |warnings: &mut Vec<String>,
-                               key: &str,
-                               file: &Path,
-                               secret: &SecretFile| {
-            if let Some(mode) = secret.loose_mode {
-                warnings.push(located(
-                        path,
-                        lines.profile(index, key),
-                        format!(
-                            "profile {name:?}: {key}: {} has mode {mode:04o}, so users other than its owner may read the client secret: chmod 600 {}",
-                            file.display(),
-                            file.display()
-                        ),
-                    ));
-            }
-        };
-        let secret = if !resolve_secrets {
-            "unresolved".to_owned()
+        // The secret, and the key of the file it came from when that file is open to others.
+        let (secret, loose): (String, Option<(&str, PathBuf, u32)>) = if !resolve_secrets {
+            ("unresolved".to_owned(), None)
         } else if let Some(file) = &p.client_secret_file {
-            let secret = read_secret_file(file).map_err(|e| perr("client_secret_file", e))?;
-            warn_loose_mode(&mut warnings, "client_secret_file", file, &secret);
-            secret.text
+            let key = "client_secret_file";
+            let secret = read_secret_file(file).map_err(|e| perr(key, e))?;
+            let loose = secret.loose_mode.map(|mode| (key, file.clone(), mode));
+            (secret.text, loose)
         } else if let Some(var) = &p.client_secret_env {
-            std::env::var(var).map_err(|_| {
+            let secret = std::env::var(var).map_err(|_| {
                 perr(
                     "client_secret_env",
                     format!("environment variable {var:?} is not set (or not UTF-8)"),
                 )
-            })?
+            })?;
+            (secret, None)
         } else if let Some(cred) = &p.client_secret_credential {
-            let (file, secret) =
-                read_credential(cred).map_err(|e| perr("client_secret_credential", e))?;
-            warn_loose_mode(&mut warnings, "client_secret_credential", &file, &secret);
-            secret.text
+            let key = "client_secret_credential";
+            let (file, secret) = read_credential(cred).map_err(|e| perr(key, e))?;
+            let loose = secret.loose_mode.map(|mode| (key, file, mode));
+            (secret.text, loose)
         } else {
             warnings.push(located(
                 path,
@@ -730,8 +717,18 @@ fn validate(
                     "profile {name:?}: client_secret is written inline in the config file; prefer client_secret_file, client_secret_env or client_secret_credential"
                 ),
             ));
-            p.client_secret.clone().unwrap_or_default()
+            (p.client_secret.clone().unwrap_or_default(), None)
         };
+        if let Some((key, file, mode)) = loose {
+            let file = file.display();
+            warnings.push(located(
+                path,
+                lines.profile(index, key),
+                format!(
+                    "profile {name:?}: {key}: {file} has mode {mode:04o}, so users other than its owner may read the client secret: chmod 600 {file}"
+                ),
+            ));
+        }
         if secret.trim().is_empty() {
             return Err(perr("client_secret", "the client secret is empty".into()));
         }
@@ -871,9 +868,11 @@ fn read_credential(name: &str) -> Result<(PathBuf, SecretFile), String> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err("must be a credential name, not a path".into());
     }
+    let credentials_directory = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty());
+    let under_systemd = credentials_directory.is_some();
     let candidates = credential_paths(
         name,
-        std::env::var_os("CREDENTIALS_DIRECTORY"),
+        credentials_directory,
         std::env::var_os(CREDSTORE_PATH_ENV),
     );
     let mut looked = Vec::new();
@@ -889,7 +888,7 @@ fn read_credential(name: &str) -> Result<(PathBuf, SecretFile), String> {
             _ => return read_secret_file(&file).map(|secret| (file, secret)),
         }
     }
-    let hint = if std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| !d.is_empty()) {
+    let hint = if under_systemd {
         format!(
             "CREDENTIALS_DIRECTORY is set, so only there; add LoadCredential={name}:/path/to/secret to the unit"
         )
