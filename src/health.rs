@@ -319,7 +319,8 @@ pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
         .iter()
         .map(|p| Some(p.name.clone()))
         .collect();
-    let next_refresh_at = store.next_due(groups).await.ok().flatten();
+    let grace = d.http_timeout.as_secs_i64() + 1;
+    let next_refresh_at = store.next_due(groups, grace).await.ok().flatten();
     let last_errors = stats
         .last_errors()
         .into_iter()

@@ -74,7 +74,21 @@ pub struct Engine {
     hard_stop: CancellationToken,
     /// tokend itself marked rows for evaluation (resumed, relinked): look for new rows.
     fresh: std::sync::atomic::AtomicBool,
+    /// Refresh tokens to revoke (superseded or unused), sent when their profile has a free
+    /// request slot, after refreshes: revocation is hygiene, refreshes keep grants alive.
+    revocations: Mutex<std::collections::VecDeque<Revocation>>,
 }
+
+struct Revocation {
+    profile: String,
+    token: secrecy::SecretString,
+    why: &'static str,
+}
+
+/// Most revocations waiting; beyond this the oldest are dropped (they stay usable at the
+/// provider until they would have been used: a backlog this long means the server is far
+/// behind anyway).
+const MAX_REVOCATIONS: usize = 100_000;
 
 impl Engine {
     pub fn new(shared: Arc<Shared>, hard_stop: CancellationToken) -> Arc<Engine> {
@@ -85,6 +99,7 @@ impl Engine {
             tracker: TaskTracker::new(),
             hard_stop,
             fresh: std::sync::atomic::AtomicBool::new(false),
+            revocations: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -161,8 +176,10 @@ impl Engine {
             let now = s.clock.now();
             turn.look_for_new |= self.fresh.swap(false, Ordering::Relaxed);
             turn.dirty |= self.retry_paused(&rt, now).await;
-            let may_be_due =
-                turn.dirty || turn.look_for_new || turn.known_next.is_none_or(|t| t <= now);
+            let due_now = turn.known_next.is_none_or(|t| t <= now);
+            // A due time may be a new row's lease running out: look for new rows too.
+            turn.look_for_new |= due_now && turn.known_next.is_some();
+            let may_be_due = turn.dirty || turn.look_for_new || due_now;
             // While refused outcomes wait in memory, start nothing new.
             let writable = s.stats.uncommitted.load(Ordering::Relaxed) == 0;
             let mut more = false;
@@ -174,9 +191,11 @@ impl Engine {
                     more |= full;
                 }
                 more |= self.claim_due(&rt, now).await;
+                self.send_revocations(&rt);
             }
             if !more && (turn.dirty || may_be_due) {
-                turn.known_next = s.store.next_due(groups(&rt)).await.ok().flatten();
+                let grace = rt.config.daemon.http_timeout.as_secs_i64() + 1;
+                turn.known_next = s.store.next_due(groups(&rt), grace).await.ok().flatten();
                 turn.dirty = false;
             }
             if turn.last_sweep.elapsed() >= SWEEP_EVERY {
@@ -553,23 +572,65 @@ impl Engine {
         }
     }
 
-    /// Revoke a refresh token that tokend no longer needs (RFC 7009), in the background. A
-    /// failure is logged and never touches the account.
+    /// Revoke a refresh token that tokend no longer needs (RFC 7009), when the profile has a
+    /// free request slot. A failure is logged and never touches the account.
     fn revoke_later(
         &self,
-        rt: &Runtime,
+        _rt: &Runtime,
         profile: &Profile,
         token: secrecy::SecretString,
         why: &'static str,
     ) {
-        let provider = rt.provider.clone();
-        let profile = profile.clone();
-        tokio::spawn(async move {
-            if let Err(e) = provider.revoke(&profile, &token).await {
-                tracing::warn!(profile = %profile.name, error = %e, what = why,
-                    "could not revoke a refresh token tokend no longer holds (the account is unaffected)");
+        let mut q = lock(&self.revocations);
+        if q.len() >= MAX_REVOCATIONS {
+            q.pop_front();
+            if self.shared.first_time("revocation backlog", &profile.name) {
+                tracing::warn!(profile = %profile.name, "more than {MAX_REVOCATIONS} refresh tokens wait to be revoked: dropping the oldest (they stay usable at the provider)");
             }
+        }
+        q.push_back(Revocation {
+            profile: profile.name.clone(),
+            token,
+            why,
         });
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Send queued revocations into the request slots refreshes left free.
+    fn send_revocations(self: &Arc<Self>, rt: &Arc<Runtime>) {
+        let s = &self.shared;
+        let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
+        let mut q = lock(&self.revocations);
+        let mut kept = std::collections::VecDeque::new();
+        while let Some(r) = q.pop_front() {
+            let room = ceiling.saturating_sub(s.limits.in_flight());
+            let Some(profile) = rt.config.profile(&r.profile) else {
+                continue;
+            };
+            if room == 0 || s.limits.free(&r.profile, ceiling) == 0 || s.pauses.is_paused(&r.profile) {
+                kept.push_back(r);
+                continue;
+            }
+            s.limits.started(&r.profile, ceiling);
+            let provider = rt.provider.clone();
+            let profile = profile.clone();
+            let me = self.clone();
+            self.tracker.spawn(async move {
+                let started = Instant::now();
+                let result = provider.revoke(&profile, &r.token).await;
+                let signal = if result.is_ok() { Signal::Answered } else { Signal::Nothing };
+                me.shared
+                    .limits
+                    .finished(&profile.name, started.elapsed(), signal, ceiling);
+                if let Err(e) = result {
+                    tracing::warn!(profile = %profile.name, error = %e, what = r.why,
+                        "could not revoke a refresh token tokend no longer holds (the account is unaffected)");
+                }
+                me.wake.notify_one();
+            });
+        }
+        *q = kept;
     }
 
     async fn breaker_record(&self, rt: &Runtime, profile: &Profile, failed: bool, now: i64) {

@@ -285,7 +285,8 @@ pub fn plan(cx: &Cx<'_>, a: &Account, admission: Admission) -> Decision {
         && cx.now - start < crate::store::WINDOW_SECS
         && a.window_requests >= ceiling
     {
-        let until = start + crate::store::WINDOW_SECS;
+        // The second after the window, so no hour-long span holds more than the ceiling.
+        let until = start + crate::store::WINDOW_SECS + 1;
         let why = format!(
             "{ceiling} token requests within the hour (the ceiling, max_token_requests_per_hour); next request at {}",
             crate::clock::rfc3339(until)
@@ -528,7 +529,7 @@ mod tests {
         a.window_requests = 3;
         match plan(&cx, &a, Admission::Open) {
             Decision::Write(ch) => {
-                assert_eq!(ch.next_action_at, Some(NOW - 100 + 3600));
+                assert_eq!(ch.next_action_at, Some(NOW - 100 + 3600 + 1));
                 assert_eq!(ch.to, State::Active);
             }
             other => panic!("{other:?}"),

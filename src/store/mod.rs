@@ -761,9 +761,15 @@ impl Store {
             .await
     }
 
-    /// The earliest scheduled action among `groups` (profiles; `None`: rows without one).
-    pub async fn next_due(&self, groups: Vec<Option<String>>) -> Result<Option<i64>, StoreError> {
-        self.read(move |c| sql::next_due(c, &groups)).await
+    /// The earliest scheduled action among `groups` (profiles; `None`: rows without one). A
+    /// leased row counts at its lease's end plus `grace`; so does a row waiting for evaluation
+    /// behind another process's lease.
+    pub async fn next_due(
+        &self,
+        groups: Vec<Option<String>>,
+        grace: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.read(move |c| sql::next_due(c, &groups, grace)).await
     }
 
     /// Changes whenever another connection commits: the cheap way to notice rows written by

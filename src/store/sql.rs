@@ -649,10 +649,7 @@ pub(super) fn recover_dead_owner(
     // Due first (next_action_at 1 sorts before any real time) and claimable at once; the owner
     // stays recorded so the retry can tell a rotation lost in a crash from a revoked grant.
     let n = c.execute(
-        "UPDATE accounts SET lease_until = 0,
-            next_action_at = CASE WHEN next_action_at IS NULL OR next_action_at > 0 THEN 1
-                                  ELSE next_action_at END,
-            revision = revision + 1
+        "UPDATE accounts SET lease_until = 0, next_action_at = 1, revision = revision + 1
          WHERE lease_owner = ?1 AND attempt_id IS NOT NULL",
         [owner],
     )?;
@@ -712,6 +709,7 @@ pub(super) fn reevaluate_orphans(
 pub(super) fn next_due(
     c: &Connection,
     groups: &[Option<String>],
+    grace: i64,
 ) -> Result<Option<i64>, StoreError> {
     // Leased rows are someone's work in flight: the earliest of the first few, each counted at
     // the later of its due time and its lease's end, is when to look again.
@@ -726,9 +724,17 @@ pub(super) fn next_due(
         })?;
         for row in rows {
             let (due, lease) = row?;
-            let at = due.max(lease.unwrap_or(i64::MIN));
+            let at = due.max(lease.map_or(i64::MIN, |l| l + grace));
             best = Some(best.map_or(at, |b| b.min(at)));
         }
+    }
+    // New rows held by someone's lease are looked at when it runs out.
+    let fresh: Option<i64> = c
+        .prepare_cached("SELECT MIN(lease_until) FROM accounts WHERE next_action_at = 0")?
+        .query_row([], |r| r.get(0))?;
+    if let Some(l) = fresh {
+        let at = l + grace;
+        best = Some(best.map_or(at, |b| b.min(at)));
     }
     Ok(best)
 }

@@ -307,6 +307,42 @@ impl Env {
     }
 }
 
+/// The revocation checker of a daemon-to-be, without the cron schedule: tests run its job body.
+pub struct Checking {
+    pub shared: std::sync::Arc<tokend::shared::Shared>,
+    pub checker: std::sync::Arc<tokend::revocation::Checker>,
+    pub info: tokend::health::DaemonInfo,
+    pub stop: CancellationToken,
+    pub hard_stop: CancellationToken,
+}
+
+pub async fn checking(env: &Env) -> Checking {
+    let (store, _) = tokend::store::Store::open_waiting(
+        &env.db,
+        env.config().daemon.store_busy_timeout.get(),
+    )
+    .expect("store");
+    let rt = tokend::shared::Runtime::new(env.config(), env.now()).expect("runtime");
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(rt));
+    let shared = tokend::shared::Shared::new(
+        store,
+        env.clock.clone(),
+        rx,
+        tokend::shared::owner_id(),
+        None,
+    );
+    let (stop, hard_stop) = (CancellationToken::new(), CancellationToken::new());
+    let checker = tokend::revocation::Checker::new(shared.clone(), stop.clone(), hard_stop.clone());
+    let info = tokend::health::DaemonInfo::new(&env.config_path, env.now());
+    Checking {
+        shared,
+        checker,
+        info,
+        stop,
+        hard_stop,
+    }
+}
+
 /// Write a file readable by its owner only (as a secret file should be).
 pub fn write_private(path: &Path, text: &str) {
     use std::os::unix::fs::PermissionsExt;

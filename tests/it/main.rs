@@ -9,4 +9,5 @@ mod helpers;
 mod hostile;
 mod process;
 mod refresh;
+mod rotation;
 mod states;

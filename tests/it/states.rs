@@ -5,46 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::params;
-use tokend::revocation::Checker;
-use tokend::shared::{Runtime, Shared};
 use tokend_mock::{Endpoint, Fault, MockConfig};
-use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{Env, eventually};
+use crate::helpers::{Env, checking, eventually};
 
 fn health(env: &Env) -> serde_json::Value {
     env.health()
-}
-
-/// The revocation checker of a daemon-to-be, without the cron schedule: tests run its job body.
-struct Checking {
-    shared: Arc<Shared>,
-    checker: Arc<Checker>,
-    info: tokend::health::DaemonInfo,
-}
-
-async fn checking(env: &Env) -> Checking {
-    let (store, _) = tokend::store::Store::open(&env.db).expect("store");
-    let rt = Runtime::new(env.config(), env.now()).expect("runtime");
-    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(rt));
-    let shared = Shared::new(
-        store,
-        env.clock.clone(),
-        rx,
-        tokend::shared::owner_id(),
-        None,
-    );
-    let checker = Checker::new(
-        shared.clone(),
-        CancellationToken::new(),
-        CancellationToken::new(),
-    );
-    let info = tokend::health::DaemonInfo::new(&env.config_path, env.now());
-    Checking {
-        shared,
-        checker,
-        info,
-    }
 }
 
 #[tokio::test(start_paused = true)]
