@@ -143,7 +143,7 @@ fn setup(mock_url: &str, daemon: &str) -> Setup {
     std::fs::write(
         &config,
         format!(
-            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n",
+            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n# The mock rotates immediately: a superseded refresh token is dead already.\nrevoke_superseded = false\n",
             db.display(),
             dir.path().join("health.json").display(),
             secret.display()
@@ -172,8 +172,16 @@ fn fill(
                  VALUES (?1, 'bench', 'user', ?2, ?3, ?4, strftime('%s','now'), ?5)",
             )
             .expect("prepare");
+        // Every inserted row is marked for evaluation; a previous run would have scheduled it
+        // (tokend's own writes bump `revision`, which keeps the triggers quiet).
+        let mut schedule = tx
+            .prepare(
+                "UPDATE accounts SET next_action_at = ?2, revision = revision + 1 WHERE id = ?1",
+            )
+            .expect("prepare");
         for (id, a, r, e, next) in rows {
             stmt.execute(params![id, a, r, e, next]).expect("insert");
+            schedule.execute(params![id, next]).expect("schedule");
             n += 1;
         }
     }
@@ -351,7 +359,7 @@ async fn capacity(a: &Args, smoke: bool) -> Report {
     let s = setup(
         &mock.url(),
         &format!(
-            "refresh_lead = \"{lead}s\"\nrefresh_jitter = \"{jitter}s\"\nmax_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"",
+            "refresh_lead = \"{lead}s\"\nrefresh_jitter = \"{jitter}s\"\nmax_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"\nmin_refresh_interval = \"10s\"\nmax_token_requests_per_hour = 1000",
             a.log_level
         ),
     );
@@ -463,7 +471,7 @@ async fn catchup(a: &Args, smoke: bool) -> Report {
     let s = setup(
         &mock.url(),
         &format!(
-            "max_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"",
+            "max_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"\nmin_refresh_interval = \"10s\"\nmax_token_requests_per_hour = 1000",
             a.log_level
         ),
     );

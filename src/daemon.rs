@@ -285,9 +285,7 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         *lock(&info.stopped_at) = Some(shared.clock.now());
     }
     health::write_now(&shared, &info).await;
-    if replaced.is_none() {
-        store.close().await;
-    }
+    store.close().await;
     tracing::info!(
         refreshes_ok = shared.stats.refreshes_ok.load(Ordering::Relaxed),
         refreshes_failed = shared.stats.refreshes_failed.load(Ordering::Relaxed),

@@ -367,12 +367,15 @@ pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
         // pid, version, instance, start time, heartbeat, config: as at start-up.
         ..starting(shared, info)
     };
+    let status = overall_status(&health);
     health.status = if health.stopped_at.is_some() {
         "stopped".into()
-    } else if info.stopping.load(Ordering::Relaxed) {
+    } else if info.stopping.load(Ordering::Relaxed) && status != "failing" {
+        // Failing outranks stopping: a stop that leaves pairs in the journal, or one forced by
+        // a replaced database, says so.
         "stopping".into()
     } else {
-        overall_status(&health).into()
+        status.into()
     };
     health
 }

@@ -608,7 +608,10 @@ impl Engine {
             let Some(profile) = rt.config.profile(&r.profile) else {
                 continue;
             };
-            if room == 0 || s.limits.free(&r.profile, ceiling) == 0 || s.pauses.is_paused(&r.profile) {
+            if room == 0
+                || s.limits.free(&r.profile, ceiling) == 0
+                || s.pauses.is_paused(&r.profile)
+            {
                 kept.push_back(r);
                 continue;
             }

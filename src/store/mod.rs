@@ -985,7 +985,13 @@ impl Store {
         self.read(sql::store_id).await
     }
 
-    /// Checkpoint the WAL so the database file stands alone, then close both connections.
+    /// Checkpoint the WAL so the database file stands alone, then close both connections
+    /// (SQLite removes the `-wal` and `-shm` files as the last one closes). Later calls fail
+    /// with [`StoreError::Closed`].
+    ///
+    /// Also right when the file was replaced under us: the checkpoint goes into the old,
+    /// unlinked file, and the old WAL no longer sits beside the new file, where SQLite would
+    /// apply its frames to a database they do not belong to.
     pub async fn close(&self) {
         let checkpoint = self
             .writer
@@ -999,7 +1005,15 @@ impl Store {
         {
             tracing::warn!(error = %e, "closing checkpoint failed (the WAL keeps the data safe)");
         }
-        for w in [&self.writer, &self.reader] {
+        for w in [&self.reader, &self.writer] {
+            let _ = w
+                .run(|c| {
+                    // Swap in a connection to nothing; the file's connection closes as it drops.
+                    let nothing = Connection::open_in_memory()?;
+                    drop(std::mem::replace(&mut c.conn, nothing));
+                    Ok(())
+                })
+                .await;
             lock(&w.queue).closed = true;
         }
     }

@@ -60,6 +60,86 @@ async fn import_is_all_or_nothing_and_names_bad_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_is_create_only_unless_replace_is_asked_and_reads_standard_input() {
+    let env = Env::new(MockConfig::default(), "").await;
+    let file = env.dir.path().join("accounts.json");
+    std::fs::write(
+        &file,
+        r#"{"accounts":[
+            {"id":"a","token_type":"user","access_token":"a1","refresh_token":"r1","expires_at":1795875255},
+            {"id":"b","token_type":"user","refresh_token":"r2"}
+        ]}"#,
+    )
+    .expect("write");
+    let path = file.to_str().expect("path");
+    let out = env.tokend(&["accounts", "import", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.tokens("b").1.as_deref(),
+        Some("r2"),
+        "a row without expires_at is taken"
+    );
+    // tokend rotates a's grant; re-importing the stale file must not undo that.
+    env.conn()
+        .execute(
+            "UPDATE accounts SET refresh_token = 'rotated', revision = revision + 1 WHERE id = 'a'",
+            [],
+        )
+        .expect("rotate");
+    let again = env.tokend(&["accounts", "import", path]);
+    assert_eq!(again.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("already linked") && err.contains("  a\n") && err.contains("  b"),
+        "{err}"
+    );
+    assert_eq!(
+        env.tokens("a").1.as_deref(),
+        Some("rotated"),
+        "a live grant was overwritten"
+    );
+    // --replace does it, and says how many live grants it replaced.
+    let replaced = env.tokend(&["accounts", "import", "--replace", path]);
+    assert!(replaced.status.success());
+    let said = String::from_utf8_lossy(&replaced.stdout);
+    assert!(
+        said.contains("2 replaced") && said.contains("2 of them live"),
+        "{said}"
+    );
+    assert_eq!(env.tokens("a").1.as_deref(), Some("r1"));
+    // `-` reads standard input.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args([
+            "--config",
+            env.config_path.to_str().expect("path"),
+            "accounts",
+            "import",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(
+        child.stdin.as_mut().expect("stdin"),
+        br#"{"accounts":[{"id":"c","token_type":"company","access_token":"c1"}]}"#,
+    )
+    .expect("write");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(env.tokens("c").0.as_deref(), Some("c1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_or_secret_in_logs_listings_or_health() {
     let env = Env::new(
         MockConfig {

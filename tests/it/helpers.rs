@@ -312,16 +312,14 @@ pub struct Checking {
     pub shared: std::sync::Arc<tokend::shared::Shared>,
     pub checker: std::sync::Arc<tokend::revocation::Checker>,
     pub info: tokend::health::DaemonInfo,
+    /// The soft stop the checker watches (its hard stop is never fired here).
     pub stop: CancellationToken,
-    pub hard_stop: CancellationToken,
 }
 
 pub async fn checking(env: &Env) -> Checking {
-    let (store, _) = tokend::store::Store::open_waiting(
-        &env.db,
-        env.config().daemon.store_busy_timeout.get(),
-    )
-    .expect("store");
+    let (store, _) =
+        tokend::store::Store::open_waiting(&env.db, env.config().daemon.store_busy_timeout.get())
+            .expect("store");
     let rt = tokend::shared::Runtime::new(env.config(), env.now()).expect("runtime");
     let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(rt));
     let shared = tokend::shared::Shared::new(
@@ -339,7 +337,6 @@ pub async fn checking(env: &Env) -> Checking {
         checker,
         info,
         stop,
-        hard_stop,
     }
 }
 

@@ -4,6 +4,7 @@
 mod cli;
 mod config;
 mod crash;
+mod durability;
 mod faults;
 mod helpers;
 mod hostile;

@@ -32,10 +32,22 @@ async fn a_redirect_from_the_token_endpoint_is_refused_and_pauses_the_profile() 
             }],
         );
         let daemon = env.start();
-        eventually(Duration::from_secs(10), "paused", || env.state("u") == "paused").await;
+        eventually(Duration::from_secs(10), "paused", || {
+            env.state("u") == "paused"
+        })
+        .await;
         daemon.stop().await;
-        assert_eq!(evil.count(), 0, "{status}: the other host received {:?}", evil.requests());
-        assert_eq!(env.tokens("u"), before, "{status}: the stored tokens changed");
+        assert_eq!(
+            evil.count(),
+            0,
+            "{status}: the other host received {:?}",
+            evil.requests()
+        );
+        assert_eq!(
+            env.tokens("u"),
+            before,
+            "{status}: the stored tokens changed"
+        );
         let reason = env.reason("u").unwrap_or_default();
         let host = evil.url().trim_start_matches("http://").to_owned();
         assert!(
@@ -80,9 +92,14 @@ async fn a_redirect_from_any_probe_is_refused_and_never_counts_as_active() {
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .expect("row");
-            assert_eq!(checked, None, "{kind} {status}: a redirect counted as a check");
+            assert_eq!(
+                checked, None,
+                "{kind} {status}: a redirect counted as a check"
+            );
             assert!(
-                error.as_deref().is_some_and(|e| e.contains(&format!("http {status}"))),
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(&format!("http {status}"))),
                 "{kind} {status}: {error:?}"
             );
             assert_ne!(env.state("c"), "revoked");
@@ -114,7 +131,11 @@ async fn a_redirect_from_the_revocation_endpoint_sends_nothing_elsewhere() {
         .await;
         daemon.stop().await;
         assert_eq!(evil.count(), 0, "{status}: {:?}", evil.requests());
-        assert_eq!(env.state("u"), "active", "a failed revocation never touches the account");
+        assert_eq!(
+            env.state("u"),
+            "active",
+            "a failed revocation never touches the account"
+        );
         let (access, refresh, _) = env.tokens("u");
         let (a, r) = env.mock.newest("u").expect("issued");
         assert_eq!((access, refresh), (Some(a), r));
@@ -150,9 +171,11 @@ async fn whatever_an_odd_200_rotated_is_stored_under_strict_rotation() {
         })
         .await;
         let (_, newest_refresh) = env.mock.newest("u").expect("issued");
-        eventually(Duration::from_secs(10), "the rotated refresh token stored", || {
-            env.tokens("u").1 == newest_refresh
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the rotated refresh token stored",
+            || env.tokens("u").1 == newest_refresh,
+        )
         .await;
         let (access, _, expires_at) = env.tokens("u");
         match shape {
@@ -181,7 +204,10 @@ async fn whatever_an_odd_200_rotated_is_stored_under_strict_rotation() {
         // The chain is alive: the stored refresh token is the provider's current one.
         let t = env.mock.totals();
         assert_eq!(t.reuse_attempts, 0, "{shape:?}: {t:?}");
-        assert_eq!(t.errors, 0, "{shape:?}: an invalid_grant means a lost grant: {t:?}");
+        assert_eq!(
+            t.errors, 0,
+            "{shape:?}: an invalid_grant means a lost grant: {t:?}"
+        );
         let (_, stored, _) = env.tokens("u");
         assert!(
             env.mock
@@ -226,11 +252,8 @@ async fn the_hourly_ceiling_holds_whatever_the_provider_answers() {
     )
     .await;
     env.add_user("u", Duration::from_secs(3599));
-    env.mock.add_random_fault(
-        Endpoint::Token,
-        1.0,
-        Fault::Odd200(OddShape::NoAccessToken),
-    );
+    env.mock
+        .add_random_fault(Endpoint::Token, 1.0, Fault::Odd200(OddShape::NoAccessToken));
     let start_ms = env.clock.now_ms();
     let daemon = env.start();
     tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
@@ -244,13 +267,26 @@ async fn the_hourly_ceiling_holds_whatever_the_provider_answers() {
         .collect();
     // In every hour-long window from the first request: at most 20.
     for (i, t) in times.iter().enumerate() {
-        let within = times[i..].iter().take_while(|u| **u < t + 3_600_000).count();
-        assert!(within <= 20, "{within} token requests within an hour of {t} ms");
+        let within = times[i..]
+            .iter()
+            .take_while(|u| **u < t + 3_600_000)
+            .count();
+        assert!(
+            within <= 20,
+            "{within} token requests within an hour of {t} ms"
+        );
     }
-    assert!(times.len() >= 20, "the ceiling was never reached: {}", times.len());
+    assert!(
+        times.len() >= 20,
+        "the ceiling was never reached: {}",
+        times.len()
+    );
     assert_eq!(env.mock.totals().errors, 0, "no grant was lost meanwhile");
     let (_, stored, _) = env.tokens("u");
-    assert!(env.mock.refresh_token_live(stored.as_deref().expect("refresh")));
+    assert!(
+        env.mock
+            .refresh_token_live(stored.as_deref().expect("refresh"))
+    );
 }
 
 /// The lease owner string of a process that is gone (its pid exited) on this host.
@@ -314,7 +350,11 @@ async fn a_refresh_left_in_flight_by_a_dead_process_is_retried_first() {
     let daemon = env.start();
     eventually(Duration::from_secs(5), "evaluated", || {
         env.conn()
-            .query_row("SELECT COUNT(*) FROM accounts WHERE next_action_at > 1000", [], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT COUNT(*) FROM accounts WHERE next_action_at > 1000",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .is_ok_and(|n| n == 2)
     })
     .await;
@@ -329,9 +369,16 @@ async fn a_refresh_left_in_flight_by_a_dead_process_is_retried_first() {
     .await;
     daemon.stop().await;
     assert_eq!(env.state("u"), "active");
-    assert_eq!(env.mock.account("calm").grants, 0, "only the row left in flight");
+    assert_eq!(
+        env.mock.account("calm").grants,
+        0,
+        "only the row left in flight"
+    );
     let (_, stored, _) = env.tokens("u");
-    assert!(env.mock.refresh_token_live(stored.as_deref().expect("refresh")));
+    assert!(
+        env.mock
+            .refresh_token_live(stored.as_deref().expect("refresh"))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -350,7 +397,11 @@ async fn a_rotation_lost_in_a_crash_is_named_as_such() {
     let daemon = env.start();
     eventually(Duration::from_secs(5), "evaluated", || {
         env.conn()
-            .query_row("SELECT COUNT(*) FROM accounts WHERE next_action_at > 1000", [], |r| r.get::<_, i64>(0))
+            .query_row(
+                "SELECT COUNT(*) FROM accounts WHERE next_action_at > 1000",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
             .is_ok_and(|n| n == 2)
     })
     .await;
@@ -360,7 +411,10 @@ async fn a_rotation_lost_in_a_crash_is_named_as_such() {
     env.mock.revoke_account("revoked");
     // The revoked one is due now (as if its time came).
     env.conn()
-        .execute("UPDATE accounts SET expires_at = ?1 WHERE id = 'revoked'", [env.now() + 1])
+        .execute(
+            "UPDATE accounts SET expires_at = ?1 WHERE id = 'revoked'",
+            [env.now() + 1],
+        )
         .expect("due");
     let daemon = env.start();
     eventually(Duration::from_secs(5), "both need reauthorisation", || {
@@ -379,7 +433,11 @@ async fn a_rotation_lost_in_a_crash_is_named_as_such() {
 
 #[tokio::test(start_paused = true)]
 async fn a_live_owners_lease_is_taken_over_only_after_the_lease_and_a_request_timeout() {
-    let env = Env::new(MockConfig::default(), "lease = \"30s\"\nhttp_timeout = \"5s\"").await;
+    let env = Env::new(
+        MockConfig::default(),
+        "lease = \"30s\"\nhttp_timeout = \"5s\"",
+    )
+    .await;
     env.add_user("u", Duration::from_secs(60));
     // Leased by a process that is alive (pid 1, with its own start time) for 20 more seconds.
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -396,7 +454,11 @@ async fn a_live_owners_lease_is_taken_over_only_after_the_lease_and_a_request_ti
     let daemon = env.start();
     eventually(Duration::from_secs(2), "evaluated", || {
         env.conn()
-            .query_row("SELECT next_action_at FROM accounts WHERE id = 'u'", [], |r| r.get::<_, Option<i64>>(0))
+            .query_row(
+                "SELECT next_action_at FROM accounts WHERE id = 'u'",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
             .is_ok_and(|n| n.is_some_and(|n| n > 1))
     })
     .await;
@@ -405,7 +467,10 @@ async fn a_live_owners_lease_is_taken_over_only_after_the_lease_and_a_request_ti
     let t0 = env.clock.now_ms();
     let lease_until = env.now() + 20;
     env.conn()
-        .execute("UPDATE accounts SET expires_at = ?1 WHERE id = 'u'", [env.now() + 2])
+        .execute(
+            "UPDATE accounts SET expires_at = ?1 WHERE id = 'u'",
+            [env.now() + 2],
+        )
         .expect("relink");
     left_in_flight(&env, "u", &owner);
     env.conn()
@@ -453,7 +518,11 @@ async fn adaptive_concurrency_keeps_a_serial_servers_queue_short_at_full_speed()
         "serial server, {N} refreshes: {took:?} (one at a time: {best:?}); at most {} queued there",
         t.max_queued
     );
-    assert!(t.max_queued <= 6, "queued up to {} at a one-at-a-time server", t.max_queued);
+    assert!(
+        t.max_queued <= 6,
+        "queued up to {} at a one-at-a-time server",
+        t.max_queued
+    );
     assert!(
         took.as_secs_f64() <= best.as_secs_f64() * 1.15 + 1.0,
         "took {took:?}; a server that serves one at a time needs {best:?}"
@@ -473,7 +542,10 @@ async fn superseded_refresh_tokens_do_not_linger() {
         )
         .await;
         for i in 0..5 {
-            env.add_user(&format!("u{i}"), Duration::from_millis(fastrand::u64(0..5000)));
+            env.add_user(
+                &format!("u{i}"),
+                Duration::from_millis(fastrand::u64(0..5000)),
+            );
         }
         let daemon = env.start();
         eventually(Duration::from_secs(60), "five rotations each", || {
@@ -489,7 +561,10 @@ async fn superseded_refresh_tokens_do_not_linger() {
             if revoke {
                 assert_eq!(usable, 1, "{id}: {usable} refresh tokens still usable");
             } else {
-                assert!(usable >= 5, "{id}: without revocation the chain lingers ({usable})");
+                assert!(
+                    usable >= 5,
+                    "{id}: without revocation the chain lingers ({usable})"
+                );
             }
         }
         assert_eq!(env.mock.totals().errors, 0);
