@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 
 use crate::config::{Config, TokenType};
-use crate::engine::policy::{self, Fields};
+use crate::engine::policy::{self, Fields, Invalid};
 use crate::store::NewAccount;
 
 /// Parse and check an import file. On any bad row, every problem is returned, by row index.
@@ -58,20 +58,30 @@ pub const FIELDS: [&str; 8] = [
     "scope",
 ];
 
-/// Parse one account object (an import row, an API body) and check it.
-pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
-    let obj = row.as_object().ok_or("not a JSON object")?;
-    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        return Err(format!("unknown field {k:?}"));
+fn bad(field: &'static str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        reason: reason.into(),
     }
-    let text = |key: &str| -> Result<Option<String>, String> {
+}
+
+/// Parse one account object (an import row, an API body) and check it; the error names the
+/// field at fault.
+pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, Invalid> {
+    let obj = row
+        .as_object()
+        .ok_or_else(|| bad("", "not a JSON object"))?;
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(bad("", format!("unknown field {k:?}")));
+    }
+    let text = |key: &'static str| -> Result<Option<String>, Invalid> {
         match obj.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(format!("{key} must be a string or null")),
+            Some(_) => Err(bad(key, format!("{key} must be a string or null"))),
         }
     };
-    let id = text("id")?.ok_or("id: missing")?;
+    let id = text("id")?.ok_or_else(|| bad("id", "id is missing"))?;
     let named = text("profile")?.filter(|p| !p.is_empty());
     let default_type = config
         .profile_for(named.as_deref())
@@ -79,8 +89,12 @@ pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
         .unwrap_or(TokenType::User);
     let token_type = match text("token_type")? {
         None => default_type,
-        Some(t) => TokenType::parse(&t)
-            .ok_or_else(|| format!("token_type: {t:?} is not \"user\" or \"company\""))?,
+        Some(t) => TokenType::parse(&t).ok_or_else(|| {
+            bad(
+                "token_type",
+                format!("token_type {t:?} is not \"user\" or \"company\""),
+            )
+        })?,
     };
     let access = text("access_token")?.filter(|s| !s.trim().is_empty());
     let refresh = text("refresh_token")?.filter(|s| !s.trim().is_empty());
@@ -89,7 +103,12 @@ pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
         Some(v) => Some(
             v.as_i64()
                 .filter(|t| *t > 0 && *t < 253_402_300_800)
-                .ok_or("expires_at: must be a unix time in seconds (or null: refreshed at once)")?,
+                .ok_or_else(|| {
+                    bad(
+                        "expires_at",
+                        "expires_at must be a unix time in seconds (or null: refreshed at once)",
+                    )
+                })?,
         ),
     };
     let profile = policy::check(
@@ -107,11 +126,19 @@ pub fn parse_row(config: &Config, row: &Value) -> Result<NewAccount, String> {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(a)) => Some(
             a.iter()
-                .map(|v| v.as_str().ok_or("scopes: must be strings"))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| bad("scopes", "scopes must be strings"))
+                })
                 .collect::<Result<Vec<_>, _>>()?
                 .join(" "),
         ),
-        Some(_) => return Err("scopes: must be a string or an array of strings".into()),
+        Some(_) => {
+            return Err(bad(
+                "scopes",
+                "scopes must be a string or an array of strings",
+            ));
+        }
     };
     Ok(NewAccount {
         id,

@@ -13,6 +13,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
+mod api;
+pub use api::{ApiConfig, ApiToken, DEFAULT_SOCKET, Scopes};
+
 pub const PRODUCTION_BASE_URL: &str = "https://api.factorialhr.com";
 pub const SANDBOX_BASE_URL: &str = "https://api.demo.factorialhr.dev";
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
@@ -41,6 +44,7 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
     pub profiles: Vec<Profile>,
+    pub api: ApiConfig,
     /// Non-fatal findings (an inline secret, for instance), logged once tracing is up.
     pub warnings: Vec<String>,
 }
@@ -52,6 +56,8 @@ struct RawConfig {
     daemon: DaemonConfig,
     #[serde(default, rename = "profile")]
     profiles: Vec<RawProfile>,
+    #[serde(default)]
+    api: api::RawApi,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -471,6 +477,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[derive(Debug, Default)]
 struct KeyLines {
     daemon: HashMap<String, usize>,
+    api: HashMap<String, usize>,
     profiles: Vec<ProfileLines>,
 }
 
@@ -489,10 +496,11 @@ impl KeyLines {
                 .map(|(k, _)| (k.get_ref().to_string(), line_of(text, k.span().start)))
                 .collect::<HashMap<_, _>>()
         };
-        let daemon = match doc.get("daemon").map(|v| v.get_ref()) {
+        let table = |name: &str| match doc.get(name).map(|v| v.get_ref()) {
             Some(toml::de::DeValue::Table(t)) => keys_of(t),
             _ => HashMap::new(),
         };
+        let (daemon, api) = (table("daemon"), table("api"));
         let profiles = match doc.get("profile").map(|v| v.get_ref()) {
             Some(toml::de::DeValue::Array(items)) => items
                 .iter()
@@ -506,7 +514,16 @@ impl KeyLines {
                 .collect(),
             _ => Vec::new(),
         };
-        KeyLines { daemon, profiles }
+        KeyLines {
+            daemon,
+            api,
+            profiles,
+        }
+    }
+
+    /// The line of `key` in `[api]`.
+    fn api(&self, key: &str) -> Option<usize> {
+        self.api.get(key).copied()
     }
 
     /// The line of the first of `keys` written in `[daemon]`.
@@ -765,10 +782,13 @@ fn validate(
             allow_insecure_http: p.allow_insecure_http,
         });
     }
+    let api = api::validate(raw.api, resolve_secrets, &mut warnings)
+        .map_err(|(key, msg)| ConfigError::at(path, lines.api(key), format!("api.{key}: {msg}")))?;
     Ok(Config {
         path: path.to_owned(),
         daemon: raw.daemon,
         profiles,
+        api,
         warnings,
     })
 }

@@ -42,7 +42,7 @@ pub enum DaemonError {
         "stopped with rotated pairs in the recovery journal {journal}, not in the store, for accounts: {accounts}; the next start stores them"
     )]
     Unsaved { journal: String, accounts: String },
-    #[error("{0:#}")]
+    #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
@@ -200,6 +200,26 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         tracing::error!(path = %d.health_file.display(), error = %e, "cannot write the health file");
     }
 
+    // The API's listeners are bound before READY: a socket that cannot be made stops the start.
+    let listeners = crate::api::bind(&shared.runtime().config.api).await?;
+    {
+        let rt = shared.runtime();
+        let mut a = lock(&info.api);
+        a.socket = rt
+            .config
+            .api
+            .socket
+            .as_ref()
+            .map(|p| p.display().to_string());
+        a.listen = listeners.tcp_addr().map(|a| a.to_string());
+    }
+    let api_stop = CancellationToken::new();
+    let api_tasks = crate::api::serve(
+        crate::api::Api::new(shared.clone(), engine.clone(), info.clone()),
+        listeners,
+        api_stop.clone(),
+    );
+
     let engine_stop = CancellationToken::new();
     let engine_task = tokio::spawn(engine.clone().run(engine_stop.clone()));
     let checker = Checker::new(shared.clone(), engine_stop.clone(), hard_stop.clone());
@@ -272,6 +292,11 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         }
     }
     hard_stop.cancel();
+    // The API served tokens while refreshes drained; it stops now.
+    api_stop.cancel();
+    for t in api_tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), checker.wait()).await;
     writer_stop.cancel();
     let _ = writer.await;

@@ -44,7 +44,15 @@ async fn demo(duration: Option<Duration>, accounts: usize) -> anyhow::Result<i32
     })
     .await?;
     let secret = dir.path().join("client_secret");
-    std::fs::write(&secret, "mock-secret")?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret)?;
+        std::io::Write::write_all(&mut f, b"mock-secret")?;
+    }
     let config_path = dir.path().join("tokend.toml");
     std::fs::write(
         &config_path,
@@ -67,11 +75,15 @@ environment = "sandbox"
 base_url = "{url}"
 client_id = "mock-client"
 client_secret_file = "{secret}"
+
+[api]
+socket = "{socket}"
 "#,
             db = dir.path().join("tokend.db").display(),
             health = dir.path().join("health.json").display(),
             url = mock.url(),
             secret = secret.display(),
+            socket = dir.path().join("api.sock").display(),
         ),
     )?;
     let config = Config::load(&config_path)?;
@@ -108,6 +120,10 @@ client_secret_file = "{secret}"
     drop(store);
     tracing::info!(accounts, companies = COMPANY_ACCOUNTS, dir = %dir.path().display(),
         "demo: mock provider at {}, tokens live {}s; Ctrl-C to stop", mock.url(), TOKEN_TTL.as_secs());
+    eprintln!(
+        "demo: from another terminal: tokend --config {} token user-000 --min-ttl 25s",
+        config_path.display()
+    );
 
     let shutdown = CancellationToken::new();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);

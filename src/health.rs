@@ -59,6 +59,12 @@ pub struct Health {
     /// Notification sinks: backlog, oldest undelivered, dead letters.
     #[serde(default)]
     pub notifications: BTreeMap<String, SinkInfo>,
+    /// Where the local API listens.
+    #[serde(default)]
+    pub api: ApiInfo,
+    /// When the engine loop last turned (liveness: `tokend status --liveness`).
+    #[serde(default)]
+    pub progress_at: Option<i64>,
     /// Accounts not `active`, by id, with their state (at most 50).
     pub attention: Vec<Attention>,
 }
@@ -140,6 +146,12 @@ pub struct SinkInfo {
     pub last_error: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ApiInfo {
+    pub socket: Option<String>,
+    pub listen: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Attention {
     pub id: String,
@@ -157,6 +169,8 @@ pub struct DaemonInfo {
     pub checker: Mutex<Option<Arc<crate::revocation::Checker>>>,
     /// Notification sinks, as the notifier reports them.
     pub notifications: Mutex<BTreeMap<String, SinkInfo>>,
+    /// Where the API listens, once bound.
+    pub api: Mutex<ApiInfo>,
     writing: tokio::sync::Mutex<()>,
     /// The last account count, with the engine generation it was taken at.
     counted: Mutex<Option<(u64, Counted)>>,
@@ -176,6 +190,7 @@ impl DaemonInfo {
             stopped_at: Mutex::new(None),
             checker: Mutex::new(None),
             notifications: Mutex::new(BTreeMap::new()),
+            api: Mutex::new(ApiInfo::default()),
             writing: tokio::sync::Mutex::new(()),
             counted: Mutex::new(None),
         }
@@ -212,6 +227,8 @@ pub fn starting(shared: &Shared, info: &DaemonInfo) -> Health {
         revocation: RevocationInfo::default(),
         journaled: Vec::new(),
         notifications: BTreeMap::new(),
+        api: lock(&info.api).clone(),
+        progress_at: None,
         attention: Vec::new(),
     }
 }
@@ -363,6 +380,8 @@ pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
         },
         journaled: shared.journaled(),
         notifications: lock(&info.notifications).clone(),
+        progress_at: Some(stats.progress_ms.load(Ordering::Relaxed).div_euclid(1000))
+            .filter(|t| *t > 0),
         attention,
         // pid, version, instance, start time, heartbeat, config: as at start-up.
         ..starting(shared, info)

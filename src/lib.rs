@@ -12,6 +12,7 @@
 //! - [`engine`]: claims due accounts and refreshes them (`policy`: what a row and an answer
 //!   mean, pure; `pauses`: misconfigured profiles; the loop).
 //! - [`revocation`]: cron-scheduled revocation checks of company tokens.
+//! - [`api`]: the local API (Unix socket, optional TCP): tokens, accounts, health, metrics.
 //! - [`health`], [`metrics`], [`telemetry`]: the health file, Prometheus metrics, logs.
 //! - [`daemon`]: `tokend run`: wires the above, handles signals, reload, readiness, shutdown.
 //! - [`state`]: the account-state vocabulary shared by all of the above.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+pub mod api;
 pub mod breaker;
 pub mod cli;
 pub mod clock;

@@ -50,6 +50,8 @@ pub struct Stats {
     pub lapses: AtomicU64,
     /// Bumped whenever the engine gets through a loop turn: the watchdog's proof of progress.
     pub heartbeat: AtomicU64,
+    /// When the engine last got through a loop turn (unix ms): `/healthz`'s proof of progress.
+    pub progress_ms: std::sync::atomic::AtomicI64,
     /// Bumped on every write of ours and every commit seen from another connection: the health
     /// writer recounts accounts only when it moved.
     pub generation: AtomicU64,

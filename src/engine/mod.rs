@@ -68,8 +68,10 @@ pub struct Engine {
     shared: Arc<Shared>,
     /// Wakes the loop: a flight finished, a profile resumed, a reload, an on-demand request.
     wake: Notify,
-    /// Accounts with a token request in flight here, and a signal when it is committed.
-    flights: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    /// Accounts with a token request in flight here (or being claimed for one on demand), and
+    /// a signal when it is committed: one flight per account, whoever asks.
+    flights: Mutex<HashMap<String, Flight>>,
+    next_flight: std::sync::atomic::AtomicU64,
     tracker: TaskTracker,
     hard_stop: CancellationToken,
     /// tokend itself marked rows for evaluation (resumed, relinked): look for new rows.
@@ -77,6 +79,11 @@ pub struct Engine {
     /// Refresh tokens to revoke (superseded or unused), sent when their profile has a free
     /// request slot, after refreshes: revocation is hygiene, refreshes keep grants alive.
     revocations: Mutex<std::collections::VecDeque<Revocation>>,
+}
+
+struct Flight {
+    id: u64,
+    done: watch::Receiver<bool>,
 }
 
 struct Revocation {
@@ -96,6 +103,7 @@ impl Engine {
             shared,
             wake: Notify::new(),
             flights: Mutex::new(HashMap::new()),
+            next_flight: std::sync::atomic::AtomicU64::new(1),
             tracker: TaskTracker::new(),
             hard_stop,
             fresh: std::sync::atomic::AtomicBool::new(false),
@@ -166,6 +174,9 @@ impl Engine {
         };
         let ended = loop {
             s.stats.heartbeat.fetch_add(1, Ordering::Relaxed);
+            s.stats
+                .progress_ms
+                .store(s.clock.now_ms(), Ordering::Relaxed);
             if stop.is_cancelled() {
                 break Ended::Stopped;
             }
@@ -366,7 +377,7 @@ impl Engine {
         }
         self.unused_probes(&admissions, &claimed.requests);
         for a in claimed.requests {
-            self.spawn_refresh(rt.clone(), a);
+            self.spawn_refresh(rt.clone(), a, None);
         }
         claimed.full_groups > 0
     }
@@ -417,21 +428,50 @@ impl Engine {
             .collect()
     }
 
-    fn spawn_refresh(self: &Arc<Self>, rt: Arc<Runtime>, a: Account) {
+    /// Register a flight for `id` (the caller must know none is there).
+    fn new_flight(
+        &self,
+        flights: &mut HashMap<String, Flight>,
+        id: &str,
+    ) -> (u64, watch::Sender<bool>) {
+        let n = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(false);
+        flights.insert(id.to_owned(), Flight { id: n, done: rx });
+        (n, tx)
+    }
+
+    /// End flight `n` of `id` (if it is still the one registered) and tell its waiters.
+    fn end_flight(&self, id: &str, n: u64, done: watch::Sender<bool>) {
+        let mut f = lock(&self.flights);
+        if f.get(id).is_some_and(|fl| fl.id == n) {
+            f.remove(id);
+        }
+        drop(f);
+        let _ = done.send(true);
+    }
+
+    fn spawn_refresh(
+        self: &Arc<Self>,
+        rt: Arc<Runtime>,
+        a: Account,
+        flight: Option<(u64, watch::Sender<bool>)>,
+    ) {
         let s = &self.shared;
+        let (n, done) = match flight {
+            Some(f) => f,
+            None => self.new_flight(&mut lock(&self.flights), &a.id),
+        };
         let Some(profile) = rt.config.profile_for(a.profile.as_deref()).cloned() else {
+            self.end_flight(&a.id, n, done);
             return;
         };
         let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
         s.limits.started(&profile.name, ceiling);
-        let (done_tx, done_rx) = watch::channel(false);
-        lock(&self.flights).insert(a.id.clone(), done_rx);
         let me = self.clone();
         self.tracker.spawn(async move {
             let id = a.id.clone();
             me.refresh(&rt, &profile, a).await;
-            lock(&me.flights).remove(&id);
-            let _ = done_tx.send(true);
+            me.end_flight(&id, n, done);
             me.wake.notify_one();
         });
     }
@@ -759,6 +799,7 @@ impl Engine {
 
     async fn renew_leases(&self, rt: &Runtime) {
         let ids: Vec<String> = lock(&self.flights).keys().cloned().collect();
+        // (A flight still being claimed has no lease yet; renewing it changes nothing.)
         if ids.is_empty() {
             return;
         }
@@ -800,49 +841,74 @@ impl Engine {
         }
     }
 
-    /// Refresh `id` now if policy allows, as one flight with any refresh of it already under
-    /// way here; returns once the outcome is committed (or why not).
+    /// Refresh `id` now if policy allows (the minimum gap, the hourly ceiling, pauses, the
+    /// breaker), as one flight with any refresh of it already under way here; returns once the
+    /// outcome is committed, or says why not.
     pub async fn refresh_now(self: &Arc<Self>, id: &str) -> OnDemand {
         let s = &self.shared;
-        // Already in flight here: wait for that one.
-        let existing = lock(&self.flights).get(id).cloned();
-        if let Some(mut rx) = existing {
-            let _ = rx.wait_for(|done| *done).await;
-            return OnDemand::Done;
-        }
-        let rt = s.runtime();
-        let now = s.clock.now();
-        let admission_for = |a: &Account| -> Admission {
-            match a.profile.as_deref().and_then(|p| rt.config.profile(p)) {
-                Some(p) if s.pauses.is_paused(&p.name) => Admission::Paused,
-                _ => Admission::Open,
+        // One flight per account: join one under way, or register ours before claiming.
+        let joined = {
+            let mut f = lock(&self.flights);
+            match f.get(id) {
+                Some(fl) => Err(fl.done.clone()),
+                None => {
+                    let (n, tx) = self.new_flight(&mut f, id);
+                    Ok((n, tx, f.get(id).map(|fl| fl.done.clone())))
+                }
             }
         };
-        // Peek first (read-only): most refusals need no write.
+        let (n, done, mut mine) = match joined {
+            Ok(ours) => ours,
+            Err(mut theirs) => {
+                let _ = theirs.wait_for(|d| *d).await;
+                return OnDemand::Done;
+            }
+        };
+        let rt = s.runtime();
+        let now = s.clock.now();
+        let refused = |why: OnDemand| {
+            self.end_flight(id, n, done.clone());
+            why
+        };
         let account = match s.store.get(id).await {
             Ok(Some(Ok(a))) => a,
-            Ok(Some(Err(p))) => return OnDemand::Refused(p.reason),
-            Ok(None) => return OnDemand::Unknown,
-            Err(e) => return OnDemand::Refused(e.to_string()),
+            Ok(Some(Err(p))) => return refused(OnDemand::Refused(p.reason)),
+            Ok(None) => return refused(OnDemand::Unknown),
+            Err(e) => return refused(OnDemand::Refused(e.to_string())),
         };
         if account.token_type == TokenType::Company {
-            return OnDemand::Refused("company tokens are not refreshed".into());
+            return refused(OnDemand::Refused("company tokens are not refreshed".into()));
         }
+        if let Some(p) = rt.config.profile_for(account.profile.as_deref()) {
+            if s.pauses.is_paused(&p.name) {
+                return refused(OnDemand::NotBefore(
+                    now + 60,
+                    format!("its profile {} is paused", p.name),
+                ));
+            }
+            if let Admit::Defer(until) = s.breakers.peek(&p.name, now) {
+                return refused(OnDemand::NotBefore(
+                    until,
+                    "most requests to its profile fail (circuit open)".into(),
+                ));
+            }
+        }
+        // What policy says, read-only first: refusing writes nothing (an API call never moves
+        // an account's schedule).
         let cx = Cx {
             config: &rt.config,
             now,
         };
-        let admission = admission_for(&account);
-        if admission == Admission::Paused {
-            return OnDemand::NotBefore(now + 60, "its profile is paused".into());
-        }
-        if let Some(p) = account.profile.as_deref()
-            && let Admit::Defer(until) = s.breakers.peek(p, now)
-        {
-            return OnDemand::NotBefore(
-                until,
-                "most requests to its profile fail (circuit open)".into(),
-            );
+        if let Decision::Write(ch) = policy::plan(&cx, &account, Admission::Open) {
+            return refused(match ch.next_action_at {
+                Some(t) if ch.to.is_schedulable() => OnDemand::NotBefore(
+                    t,
+                    ch.last_error.unwrap_or_else(|| {
+                        "too soon after the last refresh (the minimum gap)".into()
+                    }),
+                ),
+                _ => OnDemand::Refused(ch.reason.unwrap_or_else(|| ch.to.to_string())),
+            });
         }
         let config = rt.clone();
         let claimed = s
@@ -852,38 +918,54 @@ impl Engine {
                     config: &config.config,
                     now,
                 };
-                policy::plan(&cx, a, Admission::Open)
+                // Whatever changed since the read is left for the loop to decide.
+                match policy::plan(&cx, a, Admission::Open) {
+                    Decision::Request => Decision::Request,
+                    _ => Decision::Keep,
+                }
             })
             .await;
-        let _ = cx;
         match claimed {
-            Ok(None) => OnDemand::Unknown,
             Ok(Some((a, Decision::Request))) => {
-                // Raced with the loop? It would have registered a flight; ours is the claim.
-                let mut rx = {
-                    self.spawn_refresh(rt.clone(), a);
-                    lock(&self.flights).get(id).cloned()
-                };
-                if let Some(rx) = rx.as_mut() {
-                    let _ = rx.wait_for(|done| *done).await;
+                self.spawn_refresh(rt.clone(), a, Some((n, done)));
+                if let Some(rx) = mine.as_mut() {
+                    let _ = rx.wait_for(|d| *d).await;
                 }
                 OnDemand::Done
             }
-            Ok(Some((_, Decision::Keep))) => OnDemand::HeldElsewhere,
+            Ok(Some((_, Decision::Keep))) => {
+                self.end_flight(id, n, done);
+                // Leased: by this engine's loop a moment ago (then wait for its flight), or by
+                // another process.
+                let theirs = {
+                    let f = lock(&self.flights);
+                    f.get(id).map(|fl| fl.done.clone())
+                };
+                match theirs {
+                    Some(mut rx) => {
+                        let _ = rx.wait_for(|d| *d).await;
+                        OnDemand::Done
+                    }
+                    None => OnDemand::HeldElsewhere,
+                }
+            }
             Ok(Some((_, Decision::Write(ch)))) => {
                 s.state_changed();
-                match ch.next_action_at {
+                refused(match ch.next_action_at {
                     Some(t) if ch.to.is_schedulable() => OnDemand::NotBefore(
                         t,
                         ch.last_error.unwrap_or_else(|| {
-                            "too soon after the last refresh (minimum gap)".into()
+                            "too soon after the last refresh (the minimum gap)".into()
                         }),
                     ),
                     _ => OnDemand::Refused(ch.reason.unwrap_or_else(|| ch.to.to_string())),
-                }
+                })
             }
-            Ok(Some((_, Decision::Probe))) => OnDemand::Refused("not a user account".into()),
-            Err(e) => OnDemand::Refused(e.to_string()),
+            Ok(Some((_, Decision::Probe))) => {
+                refused(OnDemand::Refused("not a user account".into()))
+            }
+            Ok(None) => refused(OnDemand::Unknown),
+            Err(e) => refused(OnDemand::Refused(e.to_string())),
         }
     }
 }

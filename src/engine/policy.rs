@@ -40,25 +40,57 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Check a row; the error says what is wrong, for the operator. The one validator.
-pub fn check<'c>(config: &'c Config, f: &Fields<'_>) -> Result<&'c Profile, String> {
+/// What is wrong with a row: the field at fault and why, for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Check a row. The one validator.
+pub fn check<'c>(config: &'c Config, f: &Fields<'_>) -> Result<&'c Profile, Invalid> {
     if f.id.is_empty() || f.id.trim() != f.id {
-        return Err("id is empty or has leading/trailing whitespace".into());
+        return Err(invalid(
+            "id",
+            "id is empty or has leading/trailing whitespace",
+        ));
     }
     let profile = match f.profile.filter(|p| !p.is_empty()) {
         Some(name) => config
             .profile(name)
-            .ok_or_else(|| format!("unknown profile {name:?}"))?,
+            .ok_or_else(|| invalid("profile", format!("unknown profile {name:?}")))?,
         None => config.single_profile().ok_or_else(|| {
-            format!(
-                "no profile named, and the config has {} profiles",
-                config.profiles.len()
+            invalid(
+                "profile",
+                format!(
+                    "no profile named, and the config has {} profiles",
+                    config.profiles.len()
+                ),
             )
         })?,
     };
     match f.token_type {
-        TokenType::User if !f.has_refresh => Err("a user token needs a refresh_token".into()),
-        TokenType::Company if !f.has_access => Err("a company token needs an access_token".into()),
+        TokenType::User if !f.has_refresh => Err(invalid(
+            "refresh_token",
+            "a user token needs a refresh_token",
+        )),
+        TokenType::Company if !f.has_access => Err(invalid(
+            "access_token",
+            "a company token needs an access_token",
+        )),
         _ => Ok(profile),
     }
 }
@@ -86,8 +118,6 @@ pub struct Cx<'a> {
 /// needs to know.
 struct Judged<'c> {
     profile: &'c Profile,
-    /// The row came out of a terminal state: a new grant was written into it.
-    relinked: bool,
     /// A believable expiry (missing, non-positive or absurd ones are unknown).
     expires_at: Option<i64>,
 }
@@ -109,7 +139,7 @@ fn error(mut c: Change, e: impl Into<String>) -> Change {
     c
 }
 
-/// The state a row keeps when it is rescheduled: terminal states start over (a new grant).
+/// The state a row keeps when it is rescheduled.
 fn keep(state: State) -> State {
     match state {
         State::Failing => State::Failing,
@@ -119,13 +149,19 @@ fn keep(state: State) -> State {
 
 fn judge<'c>(cx: &Cx<'c>, a: &Account) -> Result<Judged<'c>, Change> {
     let d = &cx.config.daemon;
-    let profile = check(cx.config, &Fields::of(a)).map_err(|reason| {
+    let profile = check(cx.config, &Fields::of(a)).map_err(|e| {
         error(
-            change(a, State::Invalid, Some(reason.clone()), None),
-            reason,
+            change(a, State::Invalid, Some(e.reason.clone()), None),
+            e.reason,
         )
     })?;
-    let relinked = a.state.is_terminal();
+    // Only a new grant brings an account out of these (the relink trigger does, and records
+    // it); a row inserted or touched in one stays there.
+    if a.state.is_terminal() {
+        let mut c = change(a, a.state, None, None);
+        c.failures = a.failures;
+        return Err(c);
+    }
     if a.token_type == TokenType::Company {
         // Company tokens never expire; the revocation checks look after them.
         let to = if a.state == State::Failing {
@@ -133,8 +169,7 @@ fn judge<'c>(cx: &Cx<'c>, a: &Account) -> Result<Judged<'c>, Change> {
         } else {
             State::Active
         };
-        let reason = relinked.then(|| "company token linked".to_owned());
-        return Err(change(a, to, reason, None));
+        return Err(change(a, to, None, None));
     }
     // Refresh-token age: past its lifetime the grant is dead, so no request is wasted on it.
     if let Some(age) = refresh_token_age(a, cx.now)
@@ -152,7 +187,6 @@ fn judge<'c>(cx: &Cx<'c>, a: &Account) -> Result<Judged<'c>, Change> {
     }
     Ok(Judged {
         profile,
-        relinked,
         expires_at: a
             .expires_at
             .filter(|e| *e > 0 && *e < cx.now + 366 * 86_400),
@@ -226,13 +260,12 @@ pub fn schedule(cx: &Cx<'_>, a: &Account, admission: Admission) -> Decision {
         _ => cx.now,
     };
     let due = earliest_refresh(&cx.config.daemon, a).map_or(due, |e| due.max(e));
-    let to = if j.relinked || a.state == State::Paused {
+    let to = if a.state == State::Paused {
         State::Active
     } else {
         keep(a.state)
     };
-    let reason = j.relinked.then(|| "new grant written".to_owned());
-    let mut c = change(a, to, reason, Some(due.max(1)));
+    let mut c = change(a, to, None, Some(due.max(1)));
     c.failures = if to == State::Failing { a.failures } else { 0 };
     if a.profile.is_none() {
         c.profile = Some(j.profile.name.clone());
@@ -296,7 +329,6 @@ pub fn plan(cx: &Cx<'_>, a: &Account, admission: Admission) -> Decision {
         c.last_error = Some(why);
         return Decision::Write(c);
     }
-    let _ = j.relinked;
     Decision::Request
 }
 

@@ -283,16 +283,27 @@ const V2_AFTER: &str = r#"
         WHERE rowid = NEW.rowid;
     END;
     -- A new grant written by another program (tokend's own writes bump revision): evaluate it
-    -- at once, and drop any claim on the old grant.
+    -- at once, drop any claim on the old grant, and bring the account out of a state only a new
+    -- grant can leave (recorded as an event, like every state change).
     CREATE TRIGGER accounts_relinked
     AFTER UPDATE OF access_token, refresh_token, expires_at, token_type, profile ON accounts
     WHEN NEW.revision = OLD.revision
     BEGIN
+        INSERT INTO account_events (kind, account_id, profile, from_state, to_state, reason, at)
+            SELECT 'state', NEW.id, NEW.profile, OLD.state, 'active', 'new grant written',
+                   unixepoch()
+            WHERE OLD.state IN ('needs_reauth', 'revoked', 'invalid');
         UPDATE accounts SET
             revision = revision + 1,
             next_action_at = 0,
             failures = 0,
             lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
+            state = CASE WHEN OLD.state IN ('needs_reauth', 'revoked', 'invalid')
+                         THEN 'active' ELSE NEW.state END,
+            state_reason = CASE WHEN OLD.state IN ('needs_reauth', 'revoked', 'invalid')
+                                THEN 'new grant written' ELSE NEW.state_reason END,
+            state_since = CASE WHEN OLD.state IN ('needs_reauth', 'revoked', 'invalid')
+                               THEN unixepoch() ELSE NEW.state_since END,
             refresh_issued_at = CASE
                 WHEN NEW.refresh_token IS NOT OLD.refresh_token
                      AND NEW.refresh_issued_at IS OLD.refresh_issued_at THEN unixepoch()

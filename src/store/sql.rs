@@ -152,7 +152,8 @@ fn apply_change(
         "UPDATE accounts SET
             state_since = CASE WHEN state IS ?2 AND state_since IS NOT NULL THEN state_since
                                ELSE ?7 END,
-            state = ?2, state_reason = ?3, next_action_at = ?4, failures = ?5,
+            state_reason = CASE WHEN ?3 IS NULL AND state IS ?2 THEN state_reason ELSE ?3 END,
+            state = ?2, next_action_at = ?4, failures = ?5,
             last_error = COALESCE(?6, last_error),
             last_error_at = CASE WHEN ?6 IS NULL THEN last_error_at ELSE ?7 END,
             last_checked_at = COALESCE(?8, last_checked_at),
@@ -392,8 +393,8 @@ pub(super) fn claim_one(
             None
         }
         Ok(a) => {
-            let held = lease_until.is_some_and(|u| u + lease.grace > lease.now)
-                && a.lease_owner.as_deref() != Some(lease.owner.as_str());
+            // Leased (by another process, or by this one's loop a moment ago): not claimed.
+            let held = lease_until.is_some_and(|u| u + lease.grace > lease.now);
             let d = if held { Decision::Keep } else { decide(&a) };
             let mut changes = Vec::new();
             let claimed = decide_row(&tx, rowid, a.clone(), d.clone(), lease, &mut changes)?;
@@ -518,7 +519,8 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
                     last_refresh_at = CASE WHEN ?2 IS NOT NULL THEN ?5 ELSE last_refresh_at END,
                     state_since = CASE WHEN state IS ?7 AND state_since IS NOT NULL
                                        THEN state_since ELSE ?5 END,
-                    state = ?7, state_reason = ?8, next_action_at = ?9, failures = ?10,
+                    state_reason = CASE WHEN ?8 IS NULL AND state IS ?7 THEN state_reason ELSE ?8 END,
+                    state = ?7, next_action_at = ?9, failures = ?10,
                     last_error = COALESCE(?11, last_error),
                     last_error_at = CASE WHEN ?11 IS NULL THEN last_error_at ELSE ?5 END,
                     lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
@@ -544,7 +546,8 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
                 "UPDATE accounts SET
                     state_since = CASE WHEN state IS ?2 AND state_since IS NOT NULL
                                        THEN state_since ELSE ?7 END,
-                    state = ?2, state_reason = ?3, next_action_at = ?4, failures = ?5,
+                    state_reason = CASE WHEN ?3 IS NULL AND state IS ?2 THEN state_reason ELSE ?3 END,
+            state = ?2, next_action_at = ?4, failures = ?5,
                     last_error = COALESCE(?6, last_error),
                     last_error_at = CASE WHEN ?6 IS NULL THEN last_error_at ELSE ?7 END,
                     last_checked_at = COALESCE(?8, last_checked_at),

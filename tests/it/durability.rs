@@ -241,6 +241,7 @@ async fn two_daemons_and_a_lock_longer_than_the_lease_lose_no_grant() {
     );
     let mut config_b = env.config();
     config_b.daemon.health_file = env.dir.path().join("health-b.json");
+    config_b.api.socket = Some(env.dir.path().join("api-b.sock"));
     let a = env.start();
     let b = env.start_with(config_b);
     eventually(Duration::from_secs(10), "refreshes in flight", || {
@@ -446,9 +447,9 @@ async fn a_paused_profile_survives_a_restart_and_resumes_whichever_rows_it_holds
     );
     assert_eq!(env.state("u-due"), "paused");
     // The listing shows it; `tokend token` still serves the valid access token.
-    let list = env.tokend(&["accounts", "list"]);
+    let list = env.tokend_async(&["accounts", "list"]).await;
     assert!(String::from_utf8_lossy(&list.stdout).contains("paused"));
-    let token = env.tokend(&["token", "u-valid"]);
+    let token = env.tokend_async(&["token", "u-valid"]).await;
     assert!(
         token.status.success(),
         "{}",

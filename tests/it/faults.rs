@@ -229,6 +229,7 @@ async fn two_daemons_share_one_database_without_reuse() {
     let mut config_b = env.config();
     let health_b = env.dir.path().join("health-b.json");
     config_b.daemon.health_file = health_b.clone();
+    config_b.api.socket = Some(env.dir.path().join("api-b.sock"));
     let a = env.start();
     let b = env.start_with(config_b);
     eventually(Duration::from_secs(40), "three cycles", || {

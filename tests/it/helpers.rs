@@ -81,6 +81,12 @@ pub fn daemon_toml(env_dir: &Path, extra: &str) -> String {
     for l in extra.lines() {
         lines.push(l.to_owned());
     }
+    // The API's socket lives in the test's directory (extra `[api]` lines can follow).
+    lines.push("\n[api]".into());
+    lines.push(format!(
+        "socket = \"{}\"",
+        env_dir.join("api.sock").display()
+    ));
     lines.join("\n") + "\n"
 }
 
@@ -290,6 +296,24 @@ impl Env {
             .env_remove("RUST_LOG")
             .output()
             .expect("run tokend")
+    }
+
+    /// As [`Env::tokend`], without blocking the runtime: the command may ask an in-process
+    /// daemon's API, which this runtime serves.
+    pub async fn tokend_async(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config_path.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_tokend"))
+                .arg("--config")
+                .arg(&config)
+                .args(&args)
+                .env_remove("RUST_LOG")
+                .output()
+                .expect("run tokend")
+        })
+        .await
+        .expect("join")
     }
 
     pub fn rewrite_config(&self, daemon_extra: &str) {

@@ -1,0 +1,524 @@
+//! The local API: tokens for integrations, accounts for operators, health and metrics, over the
+//! Unix socket (the peer's uid decides) and TCP (a bearer token decides).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokend_mock::{Endpoint, MockConfig};
+
+use crate::helpers::{Env, eventually, write_private};
+
+fn socket_client(path: &Path) -> reqwest::Client {
+    tokend::provider::install_crypto_provider();
+    reqwest::Client::builder()
+        .unix_socket(path)
+        .build()
+        .expect("client")
+}
+
+/// One request: status, headers, JSON body (`Null` if not JSON).
+async fn call(
+    client: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let mut r = client.request(method, format!("{base}{path}"));
+    if let Some(b) = bearer {
+        r = r.bearer_auth(b);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.expect("send");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+const SOCKET: &str = "http://tokend";
+
+fn socket_of(env: &Env) -> PathBuf {
+    env.dir.path().join("api.sock")
+}
+
+async fn started(env: &Env) -> crate::helpers::Running {
+    let daemon = env.start();
+    eventually(Duration::from_secs(5), "the API answers", || {
+        std::os::unix::net::UnixStream::connect(socket_of(env)).is_ok()
+            && env.health()["status"] != "starting"
+            && !env.health().is_null()
+    })
+    .await;
+    daemon
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifty_callers_asking_for_a_short_token_cause_exactly_one_refresh() {
+    let env = Env::new(MockConfig::default(), "").await;
+    // Ten seconds left, not yet due for the engine (lead 3 s + jitter 1 s).
+    env.add_user("u", Duration::from_secs(3590));
+    let daemon = started(&env).await;
+    let client = socket_client(&socket_of(&env));
+    let asks = (0..50).map(|_| {
+        call(
+            &client,
+            SOCKET,
+            Method::GET,
+            "/v1/accounts/u/token?min_ttl=300",
+            None,
+            None,
+        )
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    daemon.stop().await;
+    let (newest, _) = env.mock.newest("u").expect("issued");
+    for (status, _, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+        assert_eq!(
+            body["access_token"],
+            newest.as_str(),
+            "an old or other token served"
+        );
+        assert_eq!(body["token_type"], "Bearer");
+        let expires =
+            chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().expect("expiry"))
+                .expect("RFC 3339");
+        assert!(expires.timestamp() - env.now() >= 300, "{body}");
+    }
+    assert_eq!(
+        env.mock.account("u").grants,
+        1,
+        "exactly one refresh for fifty callers"
+    );
+    assert_eq!(env.mock.totals().concurrent_same_account, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_token_route_says_404_409_or_503_when_it_cannot_serve() {
+    let env = Env::new(
+        MockConfig::default(),
+        "retry_initial = \"10s\"\nretry_max = \"20s\"",
+    )
+    .await;
+    env.add_user("short", Duration::from_secs(3590));
+    env.add_user("dead", Duration::from_secs(60));
+    env.add_company("c");
+    env.conn()
+        .execute("UPDATE accounts SET state = 'needs_reauth', state_reason = 'the user revoked it', revision = revision + 1 WHERE id = 'dead'", [])
+        .expect("update");
+    let daemon = started(&env).await;
+    let client = socket_client(&socket_of(&env));
+    let get = |path: &'static str| call(&client, SOCKET, Method::GET, path, None, None);
+
+    let (status, _, body) = get("/v1/accounts/nobody/token").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (status, _, body) = get("/v1/accounts/dead/token").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["state"], "needs_reauth");
+    assert_eq!(body["reason"], "the user revoked it");
+
+    let (status, _, body) = get("/v1/accounts/c/token").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["expires_at"],
+        Value::Null,
+        "a company token does not expire"
+    );
+
+    env.mock.set_outage(Endpoint::Token, true);
+    let (status, headers, body) = get("/v1/accounts/short/token?min_ttl=300").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let retry: u64 = headers["retry-after"]
+        .to_str()
+        .expect("header")
+        .parse()
+        .expect("seconds");
+    assert!((1..=3600).contains(&retry), "Retry-After {retry}");
+    // The short token itself is still served when it is enough.
+    let (status, _, _) = get("/v1/accounts/short/token?min_ttl=5").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, _, body) = get("/v1/accounts/short/token?min_ttl=soon").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["field"], "min_ttl");
+    let (status, _, body) = get("/v1/accounts/short/token?ttl=5").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["field"], "ttl");
+    daemon.stop().await;
+}
+
+/// Bearer tokens for the TCP listener: one per scope.
+const READER: &str = "reader-0123456789abcdef";
+const FETCHER: &str = "fetcher-0123456789abcdef";
+const ADMIN: &str = "admin-0123456789abcdef01";
+
+async fn tcp_env() -> (Env, crate::helpers::Running, String) {
+    let env = Env::new(MockConfig::default(), "").await;
+    let tokens = env.dir.path().join("api-tokens");
+    write_private(
+        &tokens,
+        &format!("monitoring read {READER}\nbilling token {FETCHER}\nops admin,read {ADMIN}\n"),
+    );
+    let mut text = std::fs::read_to_string(&env.config_path).expect("config");
+    text = text.replace(
+        "\n[api]\n",
+        &format!(
+            "\n[api]\nlisten = \"127.0.0.1:0\"\ntokens_file = \"{}\"\n",
+            tokens.display()
+        ),
+    );
+    std::fs::write(&env.config_path, text).expect("config");
+    let daemon = started(&env).await;
+    let addr = env.health()["api"]["listen"]
+        .as_str()
+        .expect("listen address in the health file")
+        .to_owned();
+    (env, daemon, format!("http://{addr}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn tcp_needs_a_bearer_and_the_right_scope() {
+    let (env, daemon, base) = tcp_env().await;
+    env.add_user("u", Duration::from_secs(60));
+    let client = reqwest::Client::new();
+    let c = |m: Method, p: &'static str, b: Option<&'static str>, body: Option<Value>| {
+        call(&client, &base, m, p, b, body)
+    };
+    let (status, headers, _) = c(Method::GET, "/v1/accounts", None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(headers.contains_key("www-authenticate"));
+    let (status, _, _) = c(
+        Method::GET,
+        "/v1/accounts",
+        Some("wrong-0123456789abcdef"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let (status, _, body) = c(Method::GET, "/v1/accounts", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, _) = c(Method::GET, "/v1/accounts/u/token", Some(READER), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "read cannot fetch tokens");
+    let (status, _, body) = c(Method::GET, "/v1/accounts/u/token", Some(FETCHER), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["access_token"].is_string());
+
+    let new = json!({"id": "linked", "token_type": "user", "refresh_token": "r-new", "access_token": "a-new"});
+    let (status, _, _) = c(
+        Method::POST,
+        "/v1/accounts",
+        Some(FETCHER),
+        Some(new.clone()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "token cannot write accounts");
+    let (status, _, body) = c(Method::POST, "/v1/accounts", Some(ADMIN), Some(new.clone())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["id"], "linked");
+    assert!(body.get("refresh_token").is_none() && !body.to_string().contains("r-new"));
+    let (status, _, body) = c(Method::POST, "/v1/accounts", Some(ADMIN), Some(new)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "create-only: {body}");
+    let (status, _, body) = c(
+        Method::POST,
+        "/v1/accounts",
+        Some(ADMIN),
+        Some(json!({"id": "x", "token_type": "user", "colour": "blue"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("colour")),
+        "{body}"
+    );
+    let (status, _, body) = c(
+        Method::POST,
+        "/v1/accounts",
+        Some(ADMIN),
+        Some(json!({"id": "x", "token_type": "user", "access_token": "a"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["field"], "refresh_token", "{body}");
+    let huge = json!({"id": "big", "token_type": "user", "refresh_token": "r".repeat(70 * 1024)});
+    let (status, _, _) = c(Method::POST, "/v1/accounts", Some(ADMIN), Some(huge)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Health and metrics.
+    let (status, _, _) = c(Method::GET, "/healthz", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = c(Method::GET, "/readyz", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body) = c(Method::GET, "/metrics", Some(READER), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .expect("type")
+            .starts_with("application/openmetrics-text")
+    );
+    let text = body.as_str().expect("text");
+    for family in [
+        "tokend_refreshes_total",
+        "tokend_accounts{",
+        "tokend_min_token_headroom_seconds",
+        "tokend_api_requests_total{route=\"/v1/accounts/{id}/token\",code=\"200\"}",
+        "tokend_build_info",
+        "tokend_profile_paused",
+        "tokend_breaker_open",
+        "tokend_refreshes_in_flight",
+        "tokend_store_commit_duration_seconds",
+    ] {
+        assert!(text.contains(family), "{family} not in /metrics:\n{text}");
+    }
+    // Relink, resume, and remove with revocation at the provider.
+    let t = env.mock.issue_user("u", Duration::ZERO);
+    let (status, _, body) = c(
+        Method::PUT,
+        "/v1/accounts/u/grant",
+        Some(ADMIN),
+        Some(json!({"access_token": t.access_token, "refresh_token": t.refresh_token, "expires_at": t.expires_at})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(env.tokens("u").1, t.refresh_token);
+    let (status, _, _) = c(Method::POST, "/v1/accounts/u/resume", Some(ADMIN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let revoked_before = env.mock.totals().revocations;
+    let (status, _, body) = c(
+        Method::DELETE,
+        "/v1/accounts/u?revoke=true",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(env.mock.totals().revocations, revoked_before + 1);
+    assert!(
+        !env.mock
+            .refresh_token_live(t.refresh_token.as_deref().expect("refresh"))
+    );
+    let (status, _, _) = c(Method::GET, "/v1/accounts/u", Some(READER), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn listings_page_by_cursor_and_filter() {
+    let env = Env::new(MockConfig::default(), "").await;
+    for i in 0..5 {
+        env.add_user(&format!("u{i}"), Duration::from_secs(60));
+    }
+    env.add_company("c");
+    let daemon = started(&env).await;
+    let client = socket_client(&socket_of(&env));
+    let mut seen = Vec::new();
+    let mut path = "/v1/accounts?limit=2".to_owned();
+    loop {
+        let (status, _, body) = call(&client, SOCKET, Method::GET, &path, None, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for a in body["accounts"].as_array().expect("accounts") {
+            seen.push(a["id"].as_str().expect("id").to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/accounts?limit=2&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["c", "u0", "u1", "u2", "u3", "u4"]);
+    let (_, _, body) = call(
+        &client,
+        SOCKET,
+        Method::GET,
+        "/v1/accounts?state=active&limit=10",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(body["accounts"].as_array().expect("list").len(), 6);
+    let (status, _, body) = call(
+        &client,
+        SOCKET,
+        Method::GET,
+        "/v1/accounts?state=sleepy",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["field"], "state");
+    let (status, _, body) = call(&client, SOCKET, Method::GET, "/v1/accounts/u0", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["account"]["id"], "u0");
+    assert!(body["events"].is_array());
+    daemon.stop().await;
+}
+
+/// The socket as other users meet it: a process of a user outside `socket_group` cannot
+/// connect; a member reads and fetches tokens but cannot write. Needs root (setpriv).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_refuses_non_members_and_gives_members_read_and_token() {
+    let env = Env::new(MockConfig::default(), "log_level = \"info\"").await;
+    env.add_user("u", Duration::from_secs(60));
+    // A directory other users can traverse, for the socket and a config they can read.
+    let public = tempfile::Builder::new()
+        .prefix("tokend-api-")
+        .tempdir_in("/tmp")
+        .expect("dir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(public.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = public.path().join("api.sock");
+    const GROUP: u32 = 47_113;
+    let text = std::fs::read_to_string(&env.config_path)
+        .expect("config")
+        .replace(
+            &format!("socket = \"{}\"", socket_of(&env).display()),
+            &format!(
+                "socket = \"{}\"\nsocket_group = \"{GROUP}\"",
+                socket.display()
+            ),
+        );
+    let config = public.path().join("tokend.toml");
+    std::fs::write(&config, text).expect("config");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut bin = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .args(["--config", config.to_str().expect("path"), "run"])
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(env.dir.path().join("api-run.log")).expect("log"))
+        .spawn()
+        .expect("spawn");
+    eventually(Duration::from_secs(10), "socket up", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .await;
+    let as_user = |groups: Option<u32>, args: &[&str]| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534"]);
+        match groups {
+            Some(g) => cmd.arg(format!("--groups={g}")),
+            None => cmd.arg("--clear-groups"),
+        };
+        cmd.args(args)
+            .output()
+            .expect("setpriv (util-linux) runs; this test needs root")
+    };
+    let tokend = env!("CARGO_BIN_EXE_tokend");
+    let cfg = config.to_str().expect("path");
+    // Outside the group: the kernel refuses the connection (and the database is not theirs).
+    let out = as_user(None, &[tokend, "--config", cfg, "token", "u"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused this user"), "{err}");
+    assert!(out.stdout.is_empty());
+    // A member: a token through the CLI (which asks the socket), but no writes.
+    let out = as_user(
+        Some(GROUP),
+        &[tokend, "--config", cfg, "token", "u", "--min-ttl", "1s"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        env.mock.newest("u").expect("issued").0
+    );
+    let out = as_user(
+        Some(GROUP),
+        &[tokend, "--config", cfg, "accounts", "resume", "u"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin"),
+        "{out:?}"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &bin.id().to_string()])
+        .status();
+    assert!(bin.wait().expect("wait").success());
+    let log = std::fs::read_to_string(env.dir.path().join("api-run.log")).expect("log");
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("token served")).collect();
+    assert_eq!(audit.len(), 1, "one audit line per token fetch:\n{log}");
+    assert!(
+        audit[0].contains("uid 65534") && audit[0].contains("account_id=u"),
+        "{}",
+        audit[0]
+    );
+    let (access, refresh, _) = env.tokens("u");
+    for secret in [access, refresh].into_iter().flatten() {
+        assert!(!log.contains(&secret), "a token reached the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_asks_the_daemon_and_falls_back_to_the_database() {
+    let env = Env::new(MockConfig::default(), "").await;
+    env.add_user("soon", Duration::from_secs(3590));
+    let mut bin = env.spawn_binary(&[]);
+    eventually(Duration::from_secs(10), "socket up", || {
+        std::os::unix::net::UnixStream::connect(socket_of(&env)).is_ok()
+    })
+    .await;
+    // Ten seconds left; asking for five minutes makes the daemon refresh it first.
+    let out = env.tokend(&["token", "soon", "--min-ttl", "5m", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        body["access_token"],
+        env.mock.newest("soon").expect("issued").0.as_str()
+    );
+    assert_eq!(env.mock.account("soon").grants, 1);
+    let live = env.tokend(&["status", "--liveness"]);
+    assert_eq!(
+        live.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&live.stdout)
+    );
+    bin.signal("TERM");
+    assert_eq!(bin.wait(Duration::from_secs(10)).await, Some(0));
+    // Stopped: the database answers, and will not hand out more than it has.
+    let out = env.tokend(&["token", "soon"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.tokend(&["token", "soon", "--min-ttl", "2h"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let live = env.tokend(&["status", "--liveness"]);
+    assert_eq!(live.status.code(), Some(1), "a stopped daemon is not alive");
+    // A config that does not parse still leads to the database it names.
+    let text = std::fs::read_to_string(&env.config_path).expect("config");
+    std::fs::write(
+        &env.config_path,
+        text.replace("refresh_lead = \"3s\"", "refresh_lead = \"soon\""),
+    )
+    .expect("write");
+    let out = env.tokend(&["token", "soon"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("using database"));
+}
