@@ -4,7 +4,7 @@
 //! Per-account backoff alone bounds what one account costs; the breaker bounds what a profile
 //! costs during an outage, whatever its number of accounts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ struct Circuit {
 
 #[derive(Debug, Default)]
 pub struct Breakers {
-    circuits: Mutex<HashMap<String, Circuit>>,
+    circuits: Mutex<crate::FastMap<String, Circuit>>,
 }
 
 impl Breakers {

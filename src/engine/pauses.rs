@@ -5,7 +5,6 @@
 //! Built like the circuit breaker (`breaker.rs`): a small state machine per profile, no I/O.
 //! The store records the pause too, so it survives a restart.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,11 +31,11 @@ pub struct Retry {
 
 #[derive(Debug, Default)]
 pub struct Pauses {
-    paused: Mutex<HashMap<String, Pause>>,
+    paused: Mutex<crate::FastMap<String, Pause>>,
 }
 
 impl Pauses {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, crate::FastMap<String, Pause>> {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -422,6 +422,32 @@ struct Conn {
     replaced: Option<StoreError>,
     /// Commit durations, for metrics.
     on_commit: Option<Arc<dyn Fn(Duration) + Send + Sync>>,
+    /// Whether commits are synced now (`synchronous=FULL`), as last set; `None` when unknown.
+    synced: Option<bool>,
+}
+
+impl Conn {
+    /// Make the next commits synced to the disk before they return (`FULL`), or written to
+    /// the WAL only (`NORMAL`: the OS holds them, so a crash of tokend keeps them, and the
+    /// next synced commit or checkpoint puts them on the disk, the WAL being written in
+    /// order). Unsynced is for claims and leases, written before each batch of requests;
+    /// every outcome and every operator's change is synced. Power lost before the next
+    /// synced commit loses claims, never a token: the row still holds the refresh token that
+    /// was presented.
+    fn sync(&mut self, full: bool) -> Result<(), StoreError> {
+        if self.synced != Some(full) {
+            // Unknown while the pragma runs: a failure leaves it unknown, set again next time.
+            self.synced = None;
+            let sql = if full {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            self.conn.execute_batch(sql)?;
+            self.synced = Some(full);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -610,6 +636,7 @@ impl Store {
                     path: path.to_owned(),
                     replaced: None,
                     on_commit: None,
+                    synced: None,
                 },
                 "tokend-store",
             ),
@@ -620,6 +647,7 @@ impl Store {
                     path: path.to_owned(),
                     replaced: None,
                     on_commit: None,
+                    synced: None,
                 },
                 "tokend-store-read",
             ),
@@ -638,6 +666,7 @@ impl Store {
             path: path.to_owned(),
             replaced: None,
             on_commit: None,
+            synced: None,
         };
         let worker = Worker::new(conn, "tokend-store-read");
         Ok(Store {
@@ -656,6 +685,7 @@ impl Store {
         lock(&self.writer.conn).on_commit = Some(Arc::new(f));
     }
 
+    /// A write whose commit is synced before it returns.
     async fn write<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -663,6 +693,21 @@ impl Store {
         self.writer
             .run(move |c| {
                 c.check_identity()?;
+                c.sync(true)?;
+                f(&mut c.conn)
+            })
+            .await
+    }
+
+    /// A write of claims or leases: its commit is not synced (see [`Conn::sync`]).
+    async fn write_unsynced<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.writer
+            .run(move |c| {
+                c.check_identity()?;
+                c.sync(false)?;
                 f(&mut c.conn)
             })
             .await
@@ -684,7 +729,7 @@ impl Store {
         decide: impl Fn(&Account) -> Decision + Send + 'static,
     ) -> Result<Evaluated, StoreError> {
         let decide: DecideFn = Box::new(decide);
-        self.write(move |c| sql::evaluate_new(c, &lease, limit, &decide))
+        self.write_unsynced(move |c| sql::evaluate_new(c, &lease, limit, &decide))
             .await
     }
 
@@ -698,7 +743,7 @@ impl Store {
         decide: impl Fn(&Account) -> Decision + Send + 'static,
     ) -> Result<Claimed, StoreError> {
         let decide: DecideFn = Box::new(decide);
-        self.write(move |c| sql::claim_due(c, &lease, &groups, &decide))
+        self.write_unsynced(move |c| sql::claim_due(c, &lease, &groups, &decide))
             .await
     }
 
@@ -713,7 +758,7 @@ impl Store {
     ) -> Result<Option<(Account, Decision)>, StoreError> {
         let id = id.to_owned();
         let decide: DecideFn = Box::new(decide);
-        self.write(move |c| sql::claim_one(c, &id, &lease, &decide))
+        self.write_unsynced(move |c| sql::claim_one(c, &id, &lease, &decide))
             .await
     }
 
@@ -732,14 +777,15 @@ impl Store {
         until: i64,
     ) -> Result<(), StoreError> {
         let owner = owner.to_owned();
-        self.write(move |c| sql::renew_leases(c, &owner, &ids, until))
+        self.write_unsynced(move |c| sql::renew_leases(c, &owner, &ids, until))
             .await
     }
 
-    /// Give up a lease without writing anything else.
-    pub async fn release(&self, id: &str, owner: &str) -> Result<(), StoreError> {
-        let (id, owner) = (id.to_owned(), owner.to_owned());
-        self.write(move |c| sql::release(c, &id, &owner)).await
+    /// Undo claims `(id, attempt)` whose requests were never sent.
+    pub async fn release(&self, owner: &str, claims: Vec<(String, i64)>) -> Result<(), StoreError> {
+        let owner = owner.to_owned();
+        self.write_unsynced(move |c| sql::release(c, &owner, &claims))
+            .await
     }
 
     /// Owners with token requests left in flight, as `(owner, count)`.
@@ -996,6 +1042,7 @@ impl Store {
         let checkpoint = self
             .writer
             .run(|c| {
+                c.sync(true)?;
                 Ok(c.conn
                     .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?)
             })
@@ -1011,6 +1058,7 @@ impl Store {
                     // Swap in a connection to nothing; the file's connection closes as it drops.
                     let nothing = Connection::open_in_memory()?;
                     drop(std::mem::replace(&mut c.conn, nothing));
+                    c.synced = None;
                     Ok(())
                 })
                 .await;
@@ -1040,4 +1088,65 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = Instant::now();
     let r = f();
     (r, t.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn synchronous_in(store: &Store, unsynced: bool) -> i64 {
+        let q = |c: &mut Connection| -> Result<i64, StoreError> {
+            Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        };
+        if unsynced {
+            store.write_unsynced(q).await.expect("pragma")
+        } else {
+            store.write(q).await.expect("pragma")
+        }
+    }
+
+    /// Claims are written unsynced; everything else, outcomes above all, is synced, whatever
+    /// ran before it on the connection.
+    #[tokio::test]
+    async fn only_claims_skip_the_sync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(&dir.path().join("t.db")).expect("open");
+        const FULL: i64 = 2;
+        const NORMAL: i64 = 1;
+        assert_eq!(synchronous_in(&store, false).await, FULL);
+        assert_eq!(synchronous_in(&store, true).await, NORMAL);
+        assert_eq!(synchronous_in(&store, false).await, FULL, "after a claim");
+        assert_eq!(synchronous_in(&store, true).await, NORMAL);
+        // An outcome (of an account that is not there) committed right after a claim...
+        let outcome = Outcome {
+            id: "nobody".into(),
+            guard: Guard::Attempt(1),
+            tokens: None,
+            change: Change {
+                to: State::Active,
+                reason: None,
+                next_action_at: None,
+                failures: 0,
+                last_error: None,
+                checked_at: None,
+                profile: None,
+            },
+            notes: Vec::new(),
+            now: 0,
+        };
+        assert_eq!(
+            store.commit(outcome).await.expect("commit"),
+            Committed::Gone
+        );
+        // ...left the connection synced (read without setting it).
+        let after = store
+            .writer
+            .run(|c| {
+                Ok(c.conn
+                    .query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?)
+            })
+            .await
+            .expect("pragma");
+        assert_eq!(after, FULL, "a commit group after a claim");
+    }
 }

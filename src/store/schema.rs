@@ -12,6 +12,20 @@ use rusqlite::{Connection, OpenFlags, Transaction};
 use super::{BUSY_TIMEOUT, StoreError};
 use std::time::Duration;
 
+/// Prepared statements kept per connection.
+const STATEMENTS: usize = 128;
+
+/// Keeps each statement's query plan once prepared. The bundled SQLite is built with STAT4,
+/// which otherwise prepares a statement again whenever a bound value might change its plan:
+/// every bind, for tokend's statements (a sixth of the work of a refresh, measured).
+fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map(drop)
+}
+
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = 2;
 
@@ -65,11 +79,20 @@ pub(super) fn open_writer(path: &Path, busy: Duration) -> Result<Connection, Sto
     )
     .map_err(&err)?;
     conn.busy_timeout(busy).map_err(&err)?;
+    // Every statement tokend runs stays prepared (rusqlite keeps 16 by default: fewer than
+    // tokend has, so they were prepared again and again).
+    conn.set_prepared_statement_cache_capacity(STATEMENTS);
+    stable_plans(&conn).map_err(&err)?;
     // WAL lets other programs read (and link accounts) while tokend writes; FULL makes every
     // commit durable before tokend acts on the token it holds.
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(&err)?;
     conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&err)?;
+    // The writer reads the rows it claims and commits, scattered over the table: a page
+    // cache of 16 MiB (SQLite's default is 2) keeps them off the disk for a few hundred
+    // thousand accounts. It only grows with pages read.
+    conn.pragma_update(None, "cache_size", -16 * 1024)
         .map_err(&err)?;
     Ok(conn)
 }
@@ -81,6 +104,8 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     )
     .map_err(open_err(path))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(path))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENTS);
+    stable_plans(&conn).map_err(open_err(path))?;
     Ok(conn)
 }
 

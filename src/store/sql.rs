@@ -1,7 +1,7 @@
 //! The statements, run on a store worker. Every function here is one transaction or a read.
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{
@@ -20,8 +20,45 @@ const ACCOUNT_COLUMNS: &str = "rowid, id, profile, token_type, access_token, ref
 /// How long a request window lasts for the hourly ceiling.
 pub const WINDOW_SECS: i64 = 3600;
 
-fn immediate(c: &mut Connection) -> Result<Transaction<'_>, StoreError> {
-    Ok(c.transaction_with_behavior(TransactionBehavior::Immediate)?)
+/// A write transaction (synced or not as the worker set the connection: see `Conn::sync`),
+/// rolled back unless committed. Its `BEGIN` and `COMMIT` stay prepared, where rusqlite's
+/// `Transaction` prepares both anew each time (a few thousand instructions per transaction,
+/// measured, and tokend runs several per batch of refreshes).
+fn immediate(c: &mut Connection) -> Result<Tx<'_>, StoreError> {
+    c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(Tx {
+        conn: c,
+        open: true,
+    })
+}
+
+struct Tx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl Tx<'_> {
+    fn commit(mut self) -> Result<(), StoreError> {
+        self.conn.prepare_cached("COMMIT")?.execute([])?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        // A failed COMMIT (SQLITE_BUSY, a full disk) leaves the transaction open: end it.
+        if self.open || !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
 }
 
 /// Read one account row, tolerating what other programs may have written: a row that cannot
@@ -278,6 +315,13 @@ pub(super) fn evaluate_new(
     limit: usize,
     decide: &DecideFn,
 ) -> Result<Evaluated, StoreError> {
+    // Mostly there is nothing new: find that out with a read, not a write transaction.
+    let any = c
+        .prepare_cached("SELECT 1 FROM accounts WHERE next_action_at = 0 LIMIT 1")?
+        .exists([])?;
+    if !any {
+        return Ok(Evaluated::default());
+    }
     let tx = immediate(c)?;
     let rows = select_accounts(
         &tx,
@@ -407,48 +451,85 @@ pub(super) fn claim_one(
 
 pub(super) fn commit_group(conn: &mut Conn, group: Vec<(Box<Outcome>, Reply<Committed>)>) {
     let on_commit = conn.on_commit.clone();
-    let (result, took) = timed(
-        || -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
-            conn.check_identity()?;
-            let mut tx = immediate(&mut conn.conn)?;
-            let mut out = Vec::with_capacity(group.len());
-            for (o, _) in &group {
-                // A savepoint per outcome: one outcome's odd failure does not sink the others.
-                let sp = tx.savepoint()?;
-                match commit_one(&sp, o) {
-                    Ok(c) => {
-                        sp.commit()?;
-                        out.push(Ok(c));
-                    }
-                    Err(e) if e.is_transient() => return Err(e),
-                    Err(e) => {
-                        drop(sp);
-                        out.push(Err(e));
-                    }
-                }
-            }
-            tx.commit()?;
-            // Committed to the file we opened; if that is no longer the file at the path, these
-            // outcomes are not durable where the next start will look.
-            conn.check_identity()?;
-            Ok(out)
-        },
-    );
+    let (result, took) = timed(|| write_group(conn, &group));
     if let Some(f) = on_commit {
         f(took);
     }
-    match result {
-        Ok(results) => {
-            for ((_, reply), r) in group.into_iter().zip(results) {
-                let _ = reply.send(r);
-            }
-        }
+    let results = match result {
+        Ok(results) => results,
+        // One outcome SQLite refuses for good (a bug, a constraint) must not sink the others:
+        // write each on its own. A lock or a full disk fails them all, to be retried.
+        Err(e) if !e.is_transient() && group.len() > 1 => group
+            .iter()
+            .map(|one| {
+                write_group(conn, std::slice::from_ref(one))
+                    .and_then(|mut r| r.pop().unwrap_or(Err(StoreError::Closed)))
+            })
+            .collect(),
         Err(e) => {
             for (_, reply) in group {
                 let _ = reply.send(Err(e.clone()));
             }
+            return;
         }
+    };
+    for ((_, reply), r) in group.into_iter().zip(results) {
+        let _ = reply.send(r);
     }
+}
+
+/// One transaction for a group of outcomes (one fsync for all).
+fn write_group(
+    conn: &mut Conn,
+    group: &[(Box<Outcome>, Reply<Committed>)],
+) -> Result<Vec<Result<Committed, StoreError>>, StoreError> {
+    conn.check_identity()?;
+    conn.sync(true)?;
+    let tx = immediate(&mut conn.conn)?;
+    let mut out = Vec::with_capacity(group.len());
+    for (o, _) in group {
+        out.push(Ok(commit_one(&tx, o)?));
+    }
+    tx.commit()?;
+    // Committed to the file we opened; if that is no longer the file at the path, these
+    // outcomes are not durable where the next start will look.
+    conn.check_identity()?;
+    Ok(out)
+}
+
+/// What an outcome with tokens writes, besides the state (`?7`, the new one).
+macro_rules! refreshed_columns {
+    () => {
+        "
+        access_token = COALESCE(?2, access_token),
+        refresh_token = COALESCE(?3, refresh_token),
+        expires_at = COALESCE(?4, expires_at),
+        refresh_issued_at = CASE WHEN ?3 IS NOT NULL THEN ?5 ELSE refresh_issued_at END,
+        scopes = COALESCE(?6, scopes),
+        last_refresh_at = CASE WHEN ?2 IS NOT NULL THEN ?5 ELSE last_refresh_at END,
+        state_reason = CASE WHEN ?8 IS NULL AND state IS ?7 THEN state_reason ELSE ?8 END,
+        next_action_at = ?9, failures = ?10,
+        last_error = COALESCE(?11, last_error),
+        last_error_at = CASE WHEN ?11 IS NULL THEN last_error_at ELSE ?5 END,
+        lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
+        revision = revision + 1, updated_at = ?5
+        WHERE rowid = ?1"
+    };
+}
+
+/// What an outcome without tokens writes, besides the state (`?2`, the new one).
+macro_rules! answered_columns {
+    () => {
+        "
+        state_reason = CASE WHEN ?3 IS NULL AND state IS ?2 THEN state_reason ELSE ?3 END,
+        next_action_at = ?4, failures = ?5,
+        last_error = COALESCE(?6, last_error),
+        last_error_at = CASE WHEN ?6 IS NULL THEN last_error_at ELSE ?7 END,
+        last_checked_at = COALESCE(?8, last_checked_at),
+        lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
+        revision = revision + 1, updated_at = ?7
+        WHERE rowid = ?1"
+    };
 }
 
 fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
@@ -459,10 +540,12 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
         Option<String>,
         Option<i64>,
         Option<String>,
+        bool,
     );
     let current: Option<Current> = tx
         .prepare_cached(
-            "SELECT rowid, state, profile, refresh_token, attempt_id, lease_owner
+            "SELECT rowid, state, profile, refresh_token, attempt_id, lease_owner,
+                    state_since IS NOT NULL
              FROM accounts WHERE id = ?1",
         )?
         .query_row([&o.id], |r| {
@@ -473,10 +556,11 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
             ))
         })
         .optional()?;
-    let Some((rowid, state, profile, refresh, attempt, owner)) = current else {
+    let Some((rowid, state, profile, refresh, attempt, owner, dated)) = current else {
         return Ok(Committed::Gone);
     };
     let from = State::parse(&state).unwrap_or(State::Invalid);
@@ -507,26 +591,19 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
         return Ok(Committed::Stale);
     }
     let ch = &o.change;
+    // The state's columns are written only when the state changes: each write of an indexed
+    // column rewrites its index entries, on pages as scattered as the accounts.
+    let moves = state != ch.to.as_str() || !dated;
     match &o.tokens {
         Some(t) => {
-            tx.prepare_cached(
-                "UPDATE accounts SET
-                    access_token = COALESCE(?2, access_token),
-                    refresh_token = COALESCE(?3, refresh_token),
-                    expires_at = COALESCE(?4, expires_at),
-                    refresh_issued_at = CASE WHEN ?3 IS NOT NULL THEN ?5 ELSE refresh_issued_at END,
-                    scopes = COALESCE(?6, scopes),
-                    last_refresh_at = CASE WHEN ?2 IS NOT NULL THEN ?5 ELSE last_refresh_at END,
-                    state_since = CASE WHEN state IS ?7 AND state_since IS NOT NULL
-                                       THEN state_since ELSE ?5 END,
-                    state_reason = CASE WHEN ?8 IS NULL AND state IS ?7 THEN state_reason ELSE ?8 END,
-                    state = ?7, next_action_at = ?9, failures = ?10,
-                    last_error = COALESCE(?11, last_error),
-                    last_error_at = CASE WHEN ?11 IS NULL THEN last_error_at ELSE ?5 END,
-                    lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
-                    revision = revision + 1, updated_at = ?5
-                 WHERE rowid = ?1",
-            )?
+            tx.prepare_cached(if moves {
+                concat!(
+                    "UPDATE accounts SET state = ?7, state_since = ?5,",
+                    refreshed_columns!()
+                )
+            } else {
+                concat!("UPDATE accounts SET", refreshed_columns!())
+            })?
             .execute(params![
                 rowid,
                 t.access_token.as_ref().map(|s| s.expose_secret()),
@@ -542,19 +619,14 @@ fn commit_one(tx: &Connection, o: &Outcome) -> Result<Committed, StoreError> {
             ])?;
         }
         None => {
-            tx.prepare_cached(
-                "UPDATE accounts SET
-                    state_since = CASE WHEN state IS ?2 AND state_since IS NOT NULL
-                                       THEN state_since ELSE ?7 END,
-                    state_reason = CASE WHEN ?3 IS NULL AND state IS ?2 THEN state_reason ELSE ?3 END,
-            state = ?2, next_action_at = ?4, failures = ?5,
-                    last_error = COALESCE(?6, last_error),
-                    last_error_at = CASE WHEN ?6 IS NULL THEN last_error_at ELSE ?7 END,
-                    last_checked_at = COALESCE(?8, last_checked_at),
-                    lease_owner = NULL, lease_until = NULL, attempt_id = NULL, attempt_at = NULL,
-                    revision = revision + 1, updated_at = ?7
-                 WHERE rowid = ?1",
-            )?
+            tx.prepare_cached(if moves {
+                concat!(
+                    "UPDATE accounts SET state = ?2, state_since = ?7,",
+                    answered_columns!()
+                )
+            } else {
+                concat!("UPDATE accounts SET", answered_columns!())
+            })?
             .execute(params![
                 rowid,
                 ch.to.as_str(),
@@ -625,13 +697,25 @@ pub(super) fn renew_leases(
     Ok(())
 }
 
-pub(super) fn release(c: &mut Connection, id: &str, owner: &str) -> Result<(), StoreError> {
-    c.execute(
-        "UPDATE accounts SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL,
-            attempt_at = NULL
-         WHERE id = ?1 AND lease_owner = ?2",
-        params![id, owner],
-    )?;
+/// Undo claims whose requests were never sent: the lease, the attempt, and the request it
+/// counted towards the hourly ceiling.
+pub(super) fn release(
+    c: &mut Connection,
+    owner: &str,
+    claims: &[(String, i64)],
+) -> Result<(), StoreError> {
+    let tx = immediate(c)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "UPDATE accounts SET lease_owner = NULL, lease_until = NULL, attempt_id = NULL,
+                attempt_at = NULL, window_requests = max(window_requests - 1, 0)
+             WHERE id = ?1 AND lease_owner = ?2 AND attempt_id = ?3",
+        )?;
+        for (id, attempt) in claims {
+            stmt.execute(params![id, owner, attempt])?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 
@@ -1192,17 +1276,21 @@ pub(super) fn at_risk(
     before: i64,
     limit: usize,
 ) -> Result<(Vec<String>, u64), StoreError> {
+    // INDEXED BY: without statistics SQLite prefers accounts_state, which reads every
+    // account (seconds at ten million, on every health snapshot).
     let ids = c
         .prepare_cached(
-            "SELECT id FROM accounts WHERE token_type = 'user' AND state IN ('active', 'failing')
+            "SELECT id FROM accounts INDEXED BY accounts_refresh_age
+             WHERE token_type = 'user' AND state IN ('active', 'failing')
                AND refresh_issued_at < ?1 ORDER BY refresh_issued_at LIMIT ?2",
         )?
         .query_map(params![before, limit as i64], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
     let count: i64 = c
         .prepare_cached(
-            "SELECT COUNT(*) FROM accounts WHERE token_type = 'user'
-               AND state IN ('active', 'failing') AND refresh_issued_at < ?1",
+            "SELECT COUNT(*) FROM accounts INDEXED BY accounts_refresh_age
+             WHERE token_type = 'user' AND state IN ('active', 'failing')
+               AND refresh_issued_at < ?1",
         )?
         .query_row([before], |r| r.get(0))?;
     Ok((ids, count as u64))
@@ -1214,57 +1302,75 @@ pub(super) fn lapsed(
     limit: usize,
 ) -> Result<(Vec<String>, u64), StoreError> {
     // Only accounts tokend has refreshed before: a row linked with an expired token is not a
-    // lapse of tokend's.
-    let ids = c
+    // lapse of tokend's. Per profile, along accounts_expiry (profile, expires_at): reads the
+    // lapsed rows only.
+    let mut listed: Vec<(i64, String)> = Vec::new();
+    let mut count = 0;
+    let mut list = c.prepare_cached(
+        "SELECT expires_at, id FROM accounts INDEXED BY accounts_expiry
+         WHERE profile IS ?1 AND token_type = 'user' AND state IN ('active', 'failing')
+           AND expires_at < ?2 AND last_refresh_at IS NOT NULL ORDER BY expires_at LIMIT ?3",
+    )?;
+    let mut counted = c.prepare_cached(
+        "SELECT COUNT(*) FROM accounts INDEXED BY accounts_expiry
+         WHERE profile IS ?1 AND token_type = 'user' AND state IN ('active', 'failing')
+           AND expires_at < ?2 AND last_refresh_at IS NOT NULL",
+    )?;
+    for g in kept_alive_profiles(c)? {
+        let n: i64 = counted.query_row(params![g, now], |r| r.get(0))?;
+        if n == 0 {
+            continue;
+        }
+        count += n as u64;
+        let rows = list.query_map(params![g, now, limit as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        for row in rows {
+            listed.push(row?);
+        }
+    }
+    listed.sort();
+    Ok((
+        listed.into_iter().take(limit).map(|(_, id)| id).collect(),
+        count,
+    ))
+}
+
+/// The profiles (`None`: rows naming none) of user accounts tokend keeps alive, found along
+/// accounts_expiry one profile at a time (a few reads per profile, whatever the row count).
+fn kept_alive_profiles(c: &Connection) -> Result<Vec<Option<String>>, StoreError> {
+    let has_null = c
         .prepare_cached(
-            "SELECT id FROM accounts WHERE token_type = 'user' AND state IN ('active', 'failing')
-               AND expires_at < ?1 AND last_refresh_at IS NOT NULL ORDER BY expires_at LIMIT ?2",
+            "SELECT 1 FROM accounts INDEXED BY accounts_expiry
+             WHERE profile IS NULL AND token_type = 'user' AND state IN ('active', 'failing')
+             LIMIT 1",
         )?
-        .query_map(params![now, limit as i64], |r| r.get(0))?
-        .collect::<Result<Vec<String>, _>>()?;
-    let count: i64 = c
-        .prepare_cached(
-            "SELECT COUNT(*) FROM accounts WHERE token_type = 'user'
-               AND state IN ('active', 'failing') AND expires_at < ?1
-               AND last_refresh_at IS NOT NULL",
-        )?
-        .query_row([now], |r| r.get(0))?;
-    Ok((ids, count as u64))
+        .exists([])?;
+    let mut out: Vec<Option<String>> = has_null.then_some(None).into_iter().collect();
+    let mut stmt = c.prepare_cached(
+        "SELECT profile FROM accounts INDEXED BY accounts_expiry
+         WHERE profile > ?1 AND token_type = 'user' AND state IN ('active', 'failing')
+         ORDER BY profile LIMIT 1",
+    )?;
+    let mut after = String::new();
+    while let Some(p) = stmt
+        .query_row([&after], |r| r.get::<_, String>(0))
+        .optional()?
+    {
+        out.push(Some(p.clone()));
+        after = p;
+    }
+    Ok(out)
 }
 
 pub(super) fn min_expiry(c: &Connection) -> Result<Vec<(Option<String>, i64)>, StoreError> {
-    let (has_null, names) = {
-        let has_null = c
-            .prepare_cached(
-                "SELECT 1 FROM accounts WHERE profile IS NULL AND token_type = 'user'
-                   AND state IN ('active', 'failing') LIMIT 1",
-            )?
-            .exists([])?;
-        let mut names = Vec::new();
-        let mut stmt = c.prepare_cached(
-            "SELECT profile FROM accounts WHERE profile > ?1 AND token_type = 'user'
-               AND state IN ('active', 'failing') ORDER BY profile LIMIT 1",
-        )?;
-        let mut after = String::new();
-        while let Some(p) = stmt
-            .query_row([&after], |r| r.get::<_, String>(0))
-            .optional()?
-        {
-            names.push(p.clone());
-            after = p;
-        }
-        (has_null, names)
-    };
     let mut stmt = c.prepare_cached(
-        "SELECT MIN(expires_at) FROM accounts WHERE profile IS ?1 AND token_type = 'user'
-           AND state IN ('active', 'failing') AND expires_at IS NOT NULL",
+        "SELECT MIN(expires_at) FROM accounts INDEXED BY accounts_expiry
+         WHERE profile IS ?1 AND token_type = 'user' AND state IN ('active', 'failing')
+           AND expires_at IS NOT NULL",
     )?;
     let mut out = Vec::new();
-    let groups = has_null
-        .then_some(None)
-        .into_iter()
-        .chain(names.into_iter().map(Some));
-    for g in groups {
+    for g in kept_alive_profiles(c)? {
         if let Some(min) = stmt.query_row([&g], |r| r.get::<_, Option<i64>>(0))? {
             out.push((g, min));
         }
@@ -1308,23 +1414,30 @@ pub(super) fn sweep(c: &mut Connection, before: i64, now: i64) -> Result<Swept, 
     };
     // Once per refresh token: no at_risk event since the token was issued.
     out.at_risk = pick(
-        "SELECT id, profile FROM accounts a
+        "SELECT id, profile FROM accounts a INDEXED BY accounts_refresh_age
          WHERE token_type = 'user' AND state IN ('active', 'failing') AND refresh_issued_at < ?1
            AND NOT EXISTS (SELECT 1 FROM account_events e WHERE e.account_id = a.id
                            AND e.kind = 'at_risk' AND e.at >= a.refresh_issued_at)
          LIMIT 1000",
         &[&before],
     )?;
-    // Once per expiry: no lapse event since the token expired.
-    out.lapsed = pick(
-        "SELECT id, profile FROM accounts a
-         WHERE token_type = 'user' AND state IN ('active', 'failing') AND expires_at < ?1
-           AND last_refresh_at IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM account_events e WHERE e.account_id = a.id
-                           AND e.kind = 'lapse' AND e.at >= a.expires_at)
-         LIMIT 1000",
-        &[&now],
-    )?;
+    // Once per expiry: no lapse event since the token expired. Per profile, along
+    // accounts_expiry.
+    for g in kept_alive_profiles(&tx)? {
+        let room = 1000 - out.lapsed.len().min(1000);
+        if room == 0 {
+            break;
+        }
+        out.lapsed.extend(pick(
+            "SELECT id, profile FROM accounts a INDEXED BY accounts_expiry
+             WHERE profile IS ?1 AND token_type = 'user' AND state IN ('active', 'failing')
+               AND expires_at < ?2 AND last_refresh_at IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM account_events e WHERE e.account_id = a.id
+                               AND e.kind = 'lapse' AND e.at >= a.expires_at)
+             LIMIT ?3",
+            &[&g, &now, &(room as i64)],
+        )?);
+    }
     for (id, profile) in &out.at_risk {
         insert_event(
             &tx,
