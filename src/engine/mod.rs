@@ -70,7 +70,7 @@ pub struct Engine {
     wake: Notify,
     /// Accounts with a token request in flight here (or being claimed for one on demand), and
     /// a signal when it is committed: one flight per account, whoever asks.
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: Mutex<crate::FastMap<String, Flight>>,
     next_flight: std::sync::atomic::AtomicU64,
     tracker: TaskTracker,
     hard_stop: CancellationToken,
@@ -79,11 +79,22 @@ pub struct Engine {
     /// Refresh tokens to revoke (superseded or unused), sent when their profile has a free
     /// request slot, after refreshes: revocation is hygiene, refreshes keep grants alive.
     revocations: Mutex<std::collections::VecDeque<Revocation>>,
+    /// Claimed accounts waiting for a request slot, by profile. Claims run up to one limit
+    /// ahead of the requests in flight, so a finished request is followed at once by the next
+    /// instead of by a round trip to the store (which may be syncing a commit).
+    ready: Mutex<crate::FastMap<String, std::collections::VecDeque<Waiting>>>,
 }
 
 struct Flight {
     id: u64,
     done: watch::Receiver<bool>,
+}
+
+/// A claimed account (leased, its attempt recorded) waiting for a free request slot of its
+/// profile, with its flight.
+struct Waiting {
+    account: Account,
+    flight: (u64, watch::Sender<bool>),
 }
 
 struct Revocation {
@@ -102,18 +113,21 @@ impl Engine {
         Arc::new(Engine {
             shared,
             wake: Notify::new(),
-            flights: Mutex::new(HashMap::new()),
+            flights: Mutex::new(crate::FastMap::default()),
             next_flight: std::sync::atomic::AtomicU64::new(1),
             tracker: TaskTracker::new(),
             hard_stop,
             fresh: std::sync::atomic::AtomicBool::new(false),
             revocations: Mutex::new(std::collections::VecDeque::new()),
+            ready: Mutex::new(crate::FastMap::default()),
         })
     }
 
     /// Rows were marked for evaluation by tokend itself (its own commits do not move
     /// `data_version`): look at them now.
     pub fn evaluate_soon(&self) {
+        // Rows were added or changed: what is counted changed too.
+        self.shared.state_changed();
         self.fresh.store(true, Ordering::Relaxed);
         self.wake.notify_one();
     }
@@ -185,6 +199,9 @@ impl Engine {
             }
             let rt = s.runtime();
             let now = s.clock.now();
+            // (Finished requests send waiting accounts; this catches a pause or a breaker
+            // that closed while nothing was in flight.)
+            self.dispatch_all(None);
             turn.look_for_new |= self.fresh.swap(false, Ordering::Relaxed);
             turn.dirty |= self.retry_paused(&rt, now).await;
             let due_now = turn.known_next.is_none_or(|t| t <= now);
@@ -193,8 +210,11 @@ impl Engine {
             let may_be_due = turn.dirty || turn.look_for_new || due_now;
             // While refused outcomes wait in memory, start nothing new.
             let writable = s.stats.uncommitted.load(Ordering::Relaxed) == 0;
+            // Every request slot taken (or too few free for a batch): a finished request
+            // wakes the loop, and nothing is asked of the store until then.
+            let waiting = !self.has_room(&rt);
             let mut more = false;
-            if writable && may_be_due {
+            if writable && may_be_due && !waiting {
                 if turn.look_for_new
                     && let Some(full) = self.evaluate_new(&rt, now).await
                 {
@@ -204,7 +224,7 @@ impl Engine {
                 more |= self.claim_due(&rt, now).await;
                 self.send_revocations(&rt);
             }
-            if !more && (turn.dirty || may_be_due) {
+            if !more && !waiting && (turn.dirty || may_be_due) {
                 let grace = rt.config.daemon.http_timeout.as_secs_i64() + 1;
                 turn.known_next = s.store.next_due(groups(&rt), grace).await.ok().flatten();
                 turn.dirty = false;
@@ -226,9 +246,8 @@ impl Engine {
             };
             let poll_in = CHANGE_POLL.saturating_sub(turn.last_poll.elapsed());
             let sleep = until_due.min(poll_in);
-            let slots_full =
-                s.limits.in_flight() >= rt.config.daemon.max_concurrent_refreshes.get();
-            if !sleep.is_zero() || (more && slots_full) {
+            let slots_full = waiting || !self.has_room(&rt);
+            if !sleep.is_zero() || (more && slots_full) || (waiting && may_be_due) {
                 let sleep = if sleep.is_zero() {
                     poll_in.max(Duration::from_millis(10))
                 } else {
@@ -266,6 +285,9 @@ impl Engine {
                 self.renew_leases(&rt).await;
             }
         };
+        // Claimed accounts not sent yet are given back.
+        let waiting: Vec<Waiting> = lock(&self.ready).drain().flat_map(|(_, q)| q).collect();
+        self.give_back(waiting);
         self.tracker.close();
         tokio::select! {
             _ = self.tracker.wait() => {}
@@ -319,18 +341,19 @@ impl Engine {
         let s = &self.shared;
         let d = &rt.config.daemon;
         let ceiling = d.max_concurrent_refreshes.get();
-        let mut room = ceiling.saturating_sub(s.limits.in_flight());
+        let mut room = self.room(rt);
         let mut groups = Vec::new();
         let mut admissions: HashMap<String, Admission> = HashMap::new();
         for p in &rt.config.profiles {
             let admission = self.admission(p, now);
             let limit = match admission {
                 Admission::Open => {
-                    let n = s.limits.free(&p.name, ceiling).min(room);
+                    let queued = self.queued(Some(&p.name));
+                    let n = s.limits.claimable(&p.name, ceiling, queued).min(room);
                     room -= n;
                     n
                 }
-                Admission::Probe => usize::from(room > 0),
+                Admission::Probe => usize::from(s.limits.in_flight() < ceiling),
                 Admission::Paused | Admission::Defer(_) => DEFER_BATCH,
             };
             admissions.insert(p.name.clone(), admission);
@@ -376,10 +399,125 @@ impl Engine {
             tracing::error!(account_id = %p.id, reason = %p.reason, "account state: invalid (unreadable row)");
         }
         self.unused_probes(&admissions, &claimed.requests);
+        // Probes go out at once; the rest wait for their profile's slots.
+        let mut queued: Vec<String> = Vec::new();
         for a in claimed.requests {
-            self.spawn_refresh(rt.clone(), a, None);
+            let profile = rt.config.profile_for(a.profile.as_deref()).map(|p| &p.name);
+            let probe = profile.and_then(|p| admissions.get(p)) == Some(&Admission::Probe);
+            match profile {
+                Some(p) if !probe => {
+                    let flight = self.new_flight(&mut lock(&self.flights), &a.id);
+                    let w = Waiting { account: a, flight };
+                    lock(&self.ready).entry(p.clone()).or_default().push_back(w);
+                    if !queued.contains(p) {
+                        queued.push(p.clone());
+                    }
+                }
+                _ => self.spawn_refresh(rt.clone(), a, None),
+            }
+        }
+        for p in queued {
+            self.dispatch(&p);
         }
         claimed.full_groups > 0
+    }
+
+    /// Room for claims overall: `max_concurrent_refreshes` in flight and as many waiting.
+    fn room(&self, rt: &Runtime) -> usize {
+        let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
+        let held = self.shared.limits.in_flight() + self.queued(None);
+        (2 * ceiling).saturating_sub(held)
+    }
+
+    /// Claimed accounts waiting for a slot: of one profile, or of all.
+    fn queued(&self, profile: Option<&str>) -> usize {
+        let ready = lock(&self.ready);
+        match profile {
+            Some(p) => ready.get(p).map_or(0, |q| q.len()),
+            None => ready.values().map(|q| q.len()).sum(),
+        }
+    }
+
+    /// Whether some profile may claim a batch now.
+    fn has_room(&self, rt: &Runtime) -> bool {
+        let s = &self.shared;
+        let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
+        self.room(rt) > 0
+            && rt.config.profiles.iter().any(|p| {
+                s.limits
+                    .claimable(&p.name, ceiling, self.queued(Some(&p.name)))
+                    > 0
+            })
+    }
+
+    /// Send waiting accounts into free request slots, the finished request's profile first
+    /// (the ceiling is shared by all profiles).
+    fn dispatch_all(self: &Arc<Self>, first: Option<&str>) {
+        if let Some(p) = first {
+            self.dispatch(p);
+        }
+        let others: Vec<String> = lock(&self.ready)
+            .iter()
+            .filter(|(p, q)| !q.is_empty() && Some(p.as_str()) != first)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in others {
+            self.dispatch(&p);
+        }
+    }
+
+    /// Send waiting accounts of `profile` into its free request slots. If the profile was
+    /// paused or its breaker opened since they were claimed, give them back instead: their
+    /// rows are planned again.
+    fn dispatch(self: &Arc<Self>, profile: &str) {
+        let s = &self.shared;
+        let rt = s.runtime();
+        let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
+        let open = !s.pauses.is_paused(profile)
+            && matches!(s.breakers.peek(profile, s.clock.now()), Admit::Yes);
+        let mut ready = lock(&self.ready);
+        let Some(q) = ready.get_mut(profile) else {
+            return;
+        };
+        if !open {
+            let back: Vec<Waiting> = q.drain(..).collect();
+            drop(ready);
+            self.give_back(back);
+            return;
+        }
+        while s.limits.free(profile, ceiling) > 0 && s.limits.in_flight() < ceiling {
+            let Some(w) = q.pop_front() else {
+                break;
+            };
+            self.spawn_refresh(rt.clone(), w.account, Some(w.flight));
+        }
+    }
+
+    /// Release claimed accounts that will not be sent (their leases and attempts cleared),
+    /// then end their flights, so an on-demand caller that joined one finds the row free.
+    fn give_back(self: &Arc<Self>, back: Vec<Waiting>) {
+        if back.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let s = &me.shared;
+            // A row a dead process left in flight keeps its attempt: a request for its
+            // refresh token may have gone out, and recovery must still say so.
+            let claims = back
+                .iter()
+                .filter(|w| w.account.left_in_flight_by.is_none())
+                .filter_map(|w| Some((w.account.id.clone(), w.account.attempt?)))
+                .collect();
+            if let Err(e) = s.store.release(&s.owner, claims).await {
+                tracing::warn!(error = %e, "cannot release claimed accounts (their leases run out instead)");
+            }
+            for w in back {
+                let (n, done) = w.flight;
+                me.end_flight(&w.account.id, n, done);
+            }
+            me.wake.notify_one();
+        });
     }
 
     /// A probe slot granted for a profile that found nothing to send is given back.
@@ -431,7 +569,7 @@ impl Engine {
     /// Register a flight for `id` (the caller must know none is there).
     fn new_flight(
         &self,
-        flights: &mut HashMap<String, Flight>,
+        flights: &mut crate::FastMap<String, Flight>,
         id: &str,
     ) -> (u64, watch::Sender<bool>) {
         let n = self.next_flight.fetch_add(1, Ordering::Relaxed);
@@ -462,7 +600,11 @@ impl Engine {
             None => self.new_flight(&mut lock(&self.flights), &a.id),
         };
         let Some(profile) = rt.config.profile_for(a.profile.as_deref()).cloned() else {
-            self.end_flight(&a.id, n, done);
+            // Its profile is gone (a reload): the row is planned again.
+            self.give_back(vec![Waiting {
+                account: a,
+                flight: (n, done),
+            }]);
             return;
         };
         let ceiling = rt.config.daemon.max_concurrent_refreshes.get();
@@ -470,14 +612,16 @@ impl Engine {
         let me = self.clone();
         self.tracker.spawn(async move {
             let id = a.id.clone();
+            let name = profile.name.clone();
             me.refresh(&rt, &profile, a).await;
             me.end_flight(&id, n, done);
+            me.dispatch_all(Some(&name));
             me.wake.notify_one();
         });
     }
 
     /// Make the request for one leased account and commit what it means.
-    async fn refresh(&self, rt: &Runtime, profile: &Profile, a: Account) {
+    async fn refresh(self: &Arc<Self>, rt: &Runtime, profile: &Profile, a: Account) {
         let s = &self.shared;
         let d = &rt.config.daemon;
         let ceiling = d.max_concurrent_refreshes.get();
@@ -505,6 +649,10 @@ impl Engine {
             Err(RefreshError::Transient { .. }) => ("transient", Signal::Overloaded),
         };
         s.limits.finished(&profile.name, took, signal, ceiling);
+        // The slot is free: the next claimed account goes out while this outcome commits, and
+        // the loop may claim more.
+        self.dispatch_all(Some(&profile.name));
+        self.wake.notify_one();
         s.metrics.refresh(&profile.name, outcome_name, took);
         let cx = Cx {
             config: &rt.config,
@@ -650,6 +798,7 @@ impl Engine {
             };
             if room == 0
                 || s.limits.free(&r.profile, ceiling) == 0
+                || self.queued(Some(&r.profile)) > 0
                 || s.pauses.is_paused(&r.profile)
             {
                 kept.push_back(r);
