@@ -265,6 +265,8 @@ pub struct Profile {
     pub environment: Environment,
     /// Base URL without a trailing slash.
     pub base_url: String,
+    /// `{base_url}/oauth/token`, parsed once.
+    pub token_url: reqwest::Url,
     pub client_id: String,
     pub client_secret: SecretString,
     pub scopes: Vec<String>,
@@ -767,9 +769,12 @@ fn validate(
             (None, Environment::Production) => PRODUCTION_BASE_URL.to_owned(),
             (None, Environment::Sandbox) => SANDBOX_BASE_URL.to_owned(),
         };
+        let token_url = reqwest::Url::parse(&format!("{base_url}/oauth/token"))
+            .map_err(|e| perr("base_url", e.to_string()))?;
         profiles.push(Profile {
             name,
             environment: p.environment,
+            token_url,
             base_url,
             client_id: p.client_id,
             client_secret: SecretString::from(secret.trim().to_owned()),

@@ -107,7 +107,7 @@ impl Provider {
         refresh_token: &SecretString,
         now: i64,
     ) -> Result<Grant, RefreshError> {
-        let url = format!("{}/oauth/token", profile.base_url);
+        let url = profile.token_url.clone();
         let form = [
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose_secret()),
@@ -784,6 +784,7 @@ mod tests {
             name: "p".into(),
             environment: Environment::Sandbox,
             base_url: base_url.into(),
+            token_url: format!("{base_url}/oauth/token").parse().expect("url"),
             client_id: "cid".into(),
             client_secret: SecretString::from(SECRET),
             scopes: Vec::new(),
