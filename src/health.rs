@@ -243,7 +243,7 @@ async fn count(shared: &Shared) -> Result<Counted, crate::store::StoreError> {
         .config
         .single_profile()
         .map(|p| p.name.clone());
-    for c in shared.store.counts().await? {
+    for c in shared.counts().await? {
         accounts.total += c.count;
         *accounts
             .by_state

@@ -101,9 +101,44 @@ pub struct Shared {
     /// One warning per (what, profile), for findings that would otherwise repeat per refresh.
     warned: Mutex<HashSet<(&'static str, String)>>,
     pub metrics: crate::metrics::Metrics,
+    /// The last count of every account (see [`Shared::counts`]).
+    counted: Mutex<Option<LastCount>>,
 }
 
+/// The last count of every account, and when another may run.
+struct LastCount {
+    generation: u64,
+    counts: Vec<crate::store::Count>,
+    /// Clock milliseconds before which the count is reused even if something changed.
+    next_ms: i64,
+}
+
+/// Counting reads every account (about a second at ten million rows): once something changed
+/// it runs again only after a hundred times as long as it last took, so it never costs more
+/// than 1 % of a core, however often the health file is written or metrics are scraped.
+const COUNT_SHARE: u32 = 100;
+
 impl Shared {
+    /// Accounts by state, token type and profile: counted again when something changed, at
+    /// most as often as [`COUNT_SHARE`] allows.
+    pub async fn counts(&self) -> Result<Vec<crate::store::Count>, StoreError> {
+        let generation = self.stats.generation.load(Ordering::Relaxed);
+        if let Some(last) = lock(&self.counted).as_ref()
+            && (last.generation == generation || self.clock.now_ms() < last.next_ms)
+        {
+            return Ok(last.counts.clone());
+        }
+        let started = std::time::Instant::now();
+        let counts = self.store.counts().await?;
+        let gap = (started.elapsed() * COUNT_SHARE).as_millis() as i64;
+        *lock(&self.counted) = Some(LastCount {
+            generation,
+            counts: counts.clone(),
+            next_ms: self.clock.now_ms() + gap,
+        });
+        Ok(counts)
+    }
+
     pub fn new(
         store: Store,
         clock: Clock,
@@ -121,6 +156,7 @@ impl Shared {
             pauses: Pauses::default(),
             breakers: Breakers::default(),
             limits: Limits::default(),
+            counted: Mutex::new(None),
             journal,
             journaled: Mutex::new(BTreeSet::new()),
             fatal: Mutex::new(None),

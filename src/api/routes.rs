@@ -668,7 +668,7 @@ async fn metrics(
     let single = rt.config.single_profile().map(|p| p.name.clone());
     let name = |p: Option<String>| p.or_else(|| single.clone()).unwrap_or_default();
     let mut g = crate::metrics::Gauges::default();
-    for c in s.store.counts().await? {
+    for c in s.counts().await? {
         g.accounts
             .push((name(c.profile), c.state.as_str(), c.count));
     }

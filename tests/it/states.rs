@@ -504,3 +504,50 @@ fn now_s() -> i64 {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
 }
+
+/// A token that expires while its server is down is a lapse: listed and counted in the health
+/// file and recorded once per expiry (the daemon looks for them profile by profile along an
+/// index, not through every account).
+#[tokio::test(start_paused = true)]
+async fn lapses_are_found_listed_and_recorded_once() {
+    let env = Env::new(
+        MockConfig {
+            access_ttl: Duration::from_secs(120),
+            ..MockConfig::default()
+        },
+        "refresh_lead = \"60s\"\nrefresh_jitter = \"1s\"\nmin_refresh_interval = \"10s\"\nretry_max = \"30s\"",
+    )
+    .await;
+    env.add_user("one", Duration::from_secs(100));
+    env.add_user("two", Duration::from_secs(100));
+    let daemon = env.start();
+    // Each refreshes once (so each is an account tokend keeps alive), then the server goes
+    // down: the new tokens run out two minutes later.
+    eventually(Duration::from_secs(30), "both refreshed once", || {
+        env.mock.account("one").grants == 1 && env.mock.account("two").grants == 1
+    })
+    .await;
+    env.mock.set_outage(Endpoint::Token, true);
+    eventually(Duration::from_secs(300), "two lapses in health", || {
+        health(&env)["lapsed"]["count"] == 2
+    })
+    .await;
+    let mut listed: Vec<String> =
+        serde_json::from_value(health(&env)["lapsed"]["accounts"].clone()).expect("ids");
+    listed.sort();
+    assert_eq!(listed, ["one", "two"]);
+    // Later sweeps record nothing new for the same expiry.
+    tokio::time::sleep(Duration::from_secs(180)).await;
+    for id in ["one", "two"] {
+        let events: i64 = env
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM account_events WHERE kind = 'lapse' AND account_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .expect("events");
+        assert_eq!(events, 1, "{id}: one lapse event per expiry");
+    }
+    daemon.stop().await;
+}
