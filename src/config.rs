@@ -13,6 +13,9 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
+mod notify;
+pub use notify::*;
+
 pub const PRODUCTION_BASE_URL: &str = "https://api.factorialhr.com";
 pub const SANDBOX_BASE_URL: &str = "https://api.demo.factorialhr.dev";
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokend/tokend.toml";
@@ -41,6 +44,8 @@ pub struct Config {
     pub path: PathBuf,
     pub daemon: DaemonConfig,
     pub profiles: Vec<Profile>,
+    /// `[[notify]]` sinks: who is told when a person must act.
+    pub notify: Vec<NotifySink>,
     /// Non-fatal findings (an inline secret, for instance), logged once tracing is up.
     pub warnings: Vec<String>,
 }
@@ -52,6 +57,8 @@ struct RawConfig {
     daemon: DaemonConfig,
     #[serde(default, rename = "profile")]
     profiles: Vec<RawProfile>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -455,10 +462,14 @@ impl Config {
 /// A config line as an error may quote it: never an inline secret's value or a URL's password.
 fn quotable(line: &str) -> String {
     let line = line.trim();
-    match line.strip_prefix("client_secret") {
-        Some(rest) if rest.trim_start().starts_with('=') => "client_secret = …".to_owned(),
-        _ => redact_userinfo(line),
+    for key in ["client_secret", "secret"] {
+        if let Some(rest) = line.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return format!("{key} = …");
+        }
     }
+    redact_userinfo(line)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -472,6 +483,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 struct KeyLines {
     daemon: HashMap<String, usize>,
     profiles: Vec<ProfileLines>,
+    /// The `[[notify]]` tables, in the same shape as profiles.
+    notify: Vec<ProfileLines>,
 }
 
 #[derive(Debug, Default)]
@@ -493,7 +506,7 @@ impl KeyLines {
             Some(toml::de::DeValue::Table(t)) => keys_of(t),
             _ => HashMap::new(),
         };
-        let profiles = match doc.get("profile").map(|v| v.get_ref()) {
+        let tables = |name: &str| match doc.get(name).map(|v| v.get_ref()) {
             Some(toml::de::DeValue::Array(items)) => items
                 .iter()
                 .map(|item| match item.get_ref() {
@@ -506,7 +519,11 @@ impl KeyLines {
                 .collect(),
             _ => Vec::new(),
         };
-        KeyLines { daemon, profiles }
+        KeyLines {
+            daemon,
+            profiles: tables("profile"),
+            notify: tables("notify"),
+        }
     }
 
     /// The line of the first of `keys` written in `[daemon]`.
@@ -516,7 +533,15 @@ impl KeyLines {
 
     /// The line of `key` in the `index`th profile, else of its `name`, else of its header.
     fn profile(&self, index: usize, key: &str) -> Option<usize> {
-        let p = self.profiles.get(index)?;
+        Self::table_line(self.profiles.get(index)?, key)
+    }
+
+    /// As [`Self::profile`], for the `index`th `[[notify]]` table.
+    fn notify(&self, index: usize, key: &str) -> Option<usize> {
+        Self::table_line(self.notify.get(index)?, key)
+    }
+
+    fn table_line(p: &ProfileLines, key: &str) -> Option<usize> {
         p.keys
             .get(key)
             .or_else(|| p.keys.get("name"))
@@ -765,10 +790,20 @@ fn validate(
             allow_insecure_http: p.allow_insecure_http,
         });
     }
+    let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
+    let notify = notify::validate(
+        path,
+        lines,
+        raw.notify,
+        &names,
+        resolve_secrets,
+        &mut warnings,
+    )?;
     Ok(Config {
         path: path.to_owned(),
         daemon: raw.daemon,
         profiles,
+        notify,
         warnings,
     })
 }
