@@ -1,4 +1,6 @@
-//! The command line: `run`, `check-config`, `accounts`, `token`, `status`, `demo`.
+//! The command line: `run`, `check-config`, `accounts`, `token`, `status`, `events`, `demo`.
+
+mod events;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub enum Command {
         #[arg(long)]
         health_file: Option<PathBuf>,
     },
+    /// Show the event log and what was notified of each event, like journalctl.
+    Events(events::EventsArgs),
     /// Run the engine against a built-in mock provider with short-lived tokens.
     #[cfg(feature = "demo")]
     Demo {
@@ -125,6 +129,7 @@ pub fn main(cli: Cli) -> i32 {
             token(&config, &account, min_ttl).await
         }),
         Command::Status { json, health_file } => status(&cli.config, json, health_file),
+        Command::Events(args) => events::main(&cli.config, args),
         #[cfg(feature = "demo")]
         Command::Demo { duration, accounts } => crate::demo::main(duration, accounts),
     }
