@@ -205,7 +205,7 @@ fn status_text(v: &DeliveryView) -> String {
         "delivered" if v.attempts > 1 => format!("delivered (attempt {})", v.attempts),
         "delivered" => "delivered".into(),
         "rejected" => format!("REJECTED by the receiver, not retried: {err}"),
-        "dead" => format!("DEAD LETTER after {} attempts: {err}", v.attempts),
+        "dead" => format!("DEAD LETTER: {err}"),
         "summarised" => format!(
             "in summary {} ({})",
             v.summary.as_deref().unwrap_or("?"),
