@@ -1037,3 +1037,32 @@ fn sinks_get_their_documented_defaults() {
     assert_eq!(pager.rate_per_second, 0.5);
     assert!(pager.wants("account.needs_reauth") && !pager.wants("account.failing"));
 }
+
+/// The commented `[[notify]]` examples in config/tokend.toml parse once uncommented.
+#[test]
+fn the_documented_sink_examples_parse() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tokend.toml"))
+        .expect("config/tokend.toml");
+    let (head, examples) = text
+        .split_once("# [[notify]]")
+        .expect("commented [[notify]] examples");
+    let uncommented: String = format!("# [[notify]]{examples}")
+        .lines()
+        .filter(|l| !l.starts_with("# #"))
+        .filter_map(|l| l.strip_prefix("# ").or((l == "#").then_some("")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!("{head}{uncommented}")
+        .replace(
+            "client_secret_credential = \"factorial-client-secret\"",
+            "client_secret = \"x\"",
+        )
+        .replace(
+            "secret_credential = \"tokend-webhook-secret\"",
+            "secret = \"0123456789abcdef0123456789abcdef\"",
+        );
+    let c = tokend::config::Config::parse(std::path::Path::new("tokend.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let names: Vec<&str> = c.notify.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["ops-webhook", "pager"]);
+}

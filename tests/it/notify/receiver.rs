@@ -264,28 +264,20 @@ async fn serve(
     sock.shutdown().await
 }
 
-/// The README's verification, in Python, as a receiver: answers with the status written in a
-/// file (200 when it is missing) and logs every request as a JSON line.
+/// A receiver around the README's `verify` (taken from README.md, so the documented code is the
+/// tested code): answers with the status written in a file (200 when it is missing) and logs
+/// every request as a JSON line.
 const PY_RECEIVER: &str = r#"
-import hashlib, hmac, http.server, json, os, sys, time
+import http.server, json, os, sys
 
 SECRET = os.environ["TOKEND_WEBHOOK_SECRET"].encode()
 LOG, STATUS = sys.argv[1], sys.argv[2]
-
-def verify(header, body, tolerance=300):
-    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
-    t = int(fields["t"])
-    expected = hmac.new(SECRET, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, fields.get("v1", "")):
-        raise ValueError("bad signature")
-    if abs(time.time() - t) > tolerance:
-        raise ValueError("timestamp too old")
 
 class Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         try:
-            verify(self.headers.get("Tokend-Signature", ""), body)
+            verify(SECRET, self.headers.get("Tokend-Signature", ""), body)
             problem = None
         except Exception as e:
             problem = str(e)
@@ -320,7 +312,7 @@ pub struct PyReceiver {
 impl PyReceiver {
     pub fn start(dir: &Path, secret: &str) -> PyReceiver {
         let script = dir.join("receiver.py");
-        std::fs::write(&script, PY_RECEIVER).expect("script");
+        std::fs::write(&script, readme_verify() + PY_RECEIVER).expect("script");
         let log = dir.join("received.jsonl");
         let status = dir.join("receiver-status");
         let mut child = Command::new("python3")
@@ -360,6 +352,19 @@ impl PyReceiver {
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+}
+
+/// The Python code block of the README that defines `verify`.
+fn readme_verify() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    readme
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|block| block.split_once("```").map(|(code, _)| code))
+        .find(|code| code.contains("def verify("))
+        .expect("the README shows a Python verify()")
+        .to_owned()
 }
 
 impl Drop for PyReceiver {
