@@ -323,7 +323,13 @@ async fn a_kill_9_before_delivery_delivers_after_restart_with_the_same_id() {
     })
     .await;
     bin.signal("KILL");
-    assert_eq!(bin.wait(Duration::from_secs(10)).await, None, "killed");
+    bin.wait(Duration::from_secs(10)).await;
+    let status = bin.child.try_wait().expect("try_wait").expect("exited");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status:?}"
+    );
     assert_eq!(
         env.conn()
             .query_row(
