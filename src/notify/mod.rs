@@ -43,6 +43,9 @@ pub const DEAD_LETTER_WINDOW: i64 = 86_400;
 /// Finished notifications are kept this long (for `tokend events`), then pruned.
 const KEEP: i64 = 30 * 86_400;
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// The queues are counted again after anything this process did to them, and at least this
+/// often (for other processes' work, leases running out, dead letters ageing out of the window).
+const RECOUNT_EVERY: Duration = Duration::from_secs(10);
 /// A claimed notification's lease outlasts its attempt by this much.
 const LEASE_SLACK: i64 = 30;
 
@@ -147,6 +150,11 @@ struct Turn {
     /// The health entries last reported, to tell the health writer only of changes.
     reported: Option<String>,
     last_failure: String,
+    /// When each sink's next notification is due, as last counted.
+    due: Due,
+    /// The queues changed since last counted (planned, claimed, an attempt ended).
+    dirty: bool,
+    last_count: Instant,
 }
 
 impl Notifier {
@@ -163,6 +171,9 @@ impl Notifier {
             last_prune: Instant::now(),
             reported: None,
             last_failure: String::new(),
+            due: Due::new(),
+            dirty: true,
+            last_count: Instant::now(),
         };
         loop {
             if stop.is_cancelled() {
@@ -185,7 +196,7 @@ impl Notifier {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.done.notified() => {}
+                _ = self.done.notified() => turn.dirty = true,
                 _ = runtime.changed() => turn.reloaded = true,
             }
         }
@@ -203,6 +214,7 @@ impl Notifier {
             || turn.next_wake.is_some_and(|w| w <= now)
         {
             let sinks = self.sink_plans(rt, &mut turn.seen, turn.first, now);
+            turn.dirty = true;
             match s
                 .store
                 .notify_plan(sinks, now, PLAN_BATCH, plan_fn(rt))
@@ -234,23 +246,24 @@ impl Notifier {
                 }
             }
         }
-        let (infos, due) = self.report(rt, now).await;
-        for sink in &rt.config.notify {
-            if due
-                .get(&sink.name)
-                .copied()
-                .flatten()
-                .is_some_and(|t| t <= now)
-            {
-                self.dispatch(sink, now).await;
+        if turn.dirty || turn.last_count.elapsed() >= RECOUNT_EVERY {
+            turn.dirty = false;
+            turn.last_count = Instant::now();
+            let (infos, due) = self.report(rt, now).await;
+            turn.due = due;
+            let key = serde_json::to_string(&infos).unwrap_or_default();
+            if turn.reported.as_ref() != Some(&key) {
+                *lock(&self.info.notifications) = infos.into_iter().collect();
+                turn.reported = Some(key);
+                // The health file shows it without waiting for its heartbeat.
+                s.changed.notify_one();
             }
         }
-        let key = serde_json::to_string(&infos).unwrap_or_default();
-        if turn.reported.as_ref() != Some(&key) {
-            *lock(&self.info.notifications) = infos.into_iter().collect();
-            turn.reported = Some(key);
-            // The health file shows it without waiting for its heartbeat.
-            s.changed.notify_one();
+        for sink in &rt.config.notify {
+            let due = turn.due.get(&sink.name).copied().flatten();
+            if due.is_some_and(|t| t <= now) && self.dispatch(sink, now).await {
+                turn.dirty = true;
+            }
         }
         if turn.last_prune.elapsed() >= PRUNE_EVERY {
             turn.last_prune = Instant::now();
@@ -310,15 +323,15 @@ impl Notifier {
         }
     }
 
-    /// Start as many attempts for `sink` as its pacing allows.
-    async fn dispatch(self: &Arc<Self>, sink: &NotifySink, now: i64) {
+    /// Start as many attempts for `sink` as its pacing allows. Returns whether it claimed any.
+    async fn dispatch(self: &Arc<Self>, sink: &NotifySink, now: i64) -> bool {
         let s = &self.shared;
         let room = lock(&self.pace)
             .entry(sink.name.clone())
             .or_insert_with(Pace::new)
             .room(sink);
         if room == 0 {
-            return;
+            return false;
         }
         let until = now + sink.timeout.as_secs_i64() + LEASE_SLACK;
         let claimed = match s
@@ -329,9 +342,10 @@ impl Notifier {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(sink = %sink.name, error = %e, "cannot claim notifications");
-                return;
+                return false;
             }
         };
+        let any = !claimed.is_empty();
         for d in claimed {
             {
                 let mut pace = lock(&self.pace);
@@ -349,6 +363,7 @@ impl Notifier {
                 me.done.notify_one();
             });
         }
+        any
     }
 
     /// One attempt, and its result recorded.
