@@ -15,6 +15,8 @@ use serde::{Deserialize, Deserializer};
 
 mod api;
 pub use api::{ApiConfig, ApiToken, DEFAULT_SOCKET, Scopes};
+mod notify;
+pub use notify::*;
 
 pub const PRODUCTION_BASE_URL: &str = "https://api.factorialhr.com";
 pub const SANDBOX_BASE_URL: &str = "https://api.demo.factorialhr.dev";
@@ -45,6 +47,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub profiles: Vec<Profile>,
     pub api: ApiConfig,
+    /// `[[notify]]` sinks: who is told when a person must act.
+    pub notify: Vec<NotifySink>,
     /// Non-fatal findings (an inline secret, for instance), logged once tracing is up.
     pub warnings: Vec<String>,
 }
@@ -58,6 +62,8 @@ struct RawConfig {
     profiles: Vec<RawProfile>,
     #[serde(default)]
     api: api::RawApi,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -463,10 +469,14 @@ impl Config {
 /// A config line as an error may quote it: never an inline secret's value or a URL's password.
 fn quotable(line: &str) -> String {
     let line = line.trim();
-    match line.strip_prefix("client_secret") {
-        Some(rest) if rest.trim_start().starts_with('=') => "client_secret = …".to_owned(),
-        _ => redact_userinfo(line),
+    for key in ["client_secret", "secret"] {
+        if let Some(rest) = line.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return format!("{key} = …");
+        }
     }
+    redact_userinfo(line)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -481,6 +491,8 @@ struct KeyLines {
     daemon: HashMap<String, usize>,
     api: HashMap<String, usize>,
     profiles: Vec<ProfileLines>,
+    /// The `[[notify]]` tables, in the same shape as profiles.
+    notify: Vec<ProfileLines>,
 }
 
 #[derive(Debug, Default)]
@@ -503,7 +515,7 @@ impl KeyLines {
             _ => HashMap::new(),
         };
         let (daemon, api) = (table("daemon"), table("api"));
-        let profiles = match doc.get("profile").map(|v| v.get_ref()) {
+        let tables = |name: &str| match doc.get(name).map(|v| v.get_ref()) {
             Some(toml::de::DeValue::Array(items)) => items
                 .iter()
                 .map(|item| match item.get_ref() {
@@ -519,7 +531,8 @@ impl KeyLines {
         KeyLines {
             daemon,
             api,
-            profiles,
+            profiles: tables("profile"),
+            notify: tables("notify"),
         }
     }
 
@@ -535,7 +548,15 @@ impl KeyLines {
 
     /// The line of `key` in the `index`th profile, else of its `name`, else of its header.
     fn profile(&self, index: usize, key: &str) -> Option<usize> {
-        let p = self.profiles.get(index)?;
+        Self::table_line(self.profiles.get(index)?, key)
+    }
+
+    /// As [`Self::profile`], for the `index`th `[[notify]]` table.
+    fn notify(&self, index: usize, key: &str) -> Option<usize> {
+        Self::table_line(self.notify.get(index)?, key)
+    }
+
+    fn table_line(p: &ProfileLines, key: &str) -> Option<usize> {
         p.keys
             .get(key)
             .or_else(|| p.keys.get("name"))
@@ -789,11 +810,21 @@ fn validate(
     }
     let api = api::validate(raw.api, resolve_secrets, &mut warnings)
         .map_err(|(key, msg)| ConfigError::at(path, lines.api(key), format!("api.{key}: {msg}")))?;
+    let names: Vec<String> = profiles.iter().map(|p| p.name.clone()).collect();
+    let notify = notify::validate(
+        path,
+        lines,
+        raw.notify,
+        &names,
+        resolve_secrets,
+        &mut warnings,
+    )?;
     Ok(Config {
         path: path.to_owned(),
         daemon: raw.daemon,
         profiles,
         api,
+        notify,
         warnings,
     })
 }

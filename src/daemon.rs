@@ -1,5 +1,6 @@
 //! `tokend run`: open the store, replay the recovery journal, start the engine, the revocation
-//! schedule and the health writer, tell systemd, and handle signals until asked to stop.
+//! schedule, the health writer and the notifier, tell systemd, and handle signals until asked
+//! to stop.
 //!
 //! SIGTERM/SIGINT stop new work, let in-flight refreshes finish and commit (bounded by
 //! `shutdown_timeout`), write a last health file and exit 0 — or 75 when a rotated pair could
@@ -235,6 +236,12 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         |h| notify(&[NotifyState::Status(&health::one_line(h))]),
     ));
     let watchdog = tokio::spawn(watchdog(shared.clone(), writer_stop.clone()));
+    let notifier_stop = CancellationToken::new();
+    let notifier = tokio::spawn(crate::notify::run(
+        shared.clone(),
+        info.clone(),
+        notifier_stop.clone(),
+    ));
 
     // Ready: the store is open and migrated, the journal replayed, the engine running.
     notify(&[
@@ -271,6 +278,7 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
     info.stopping.store(true, Ordering::Relaxed);
     health::write_now(&shared, &info).await;
     engine_stop.cancel();
+    notifier_stop.cancel();
     if let Some(mut s) = scheduler.take() {
         let _ = s.shutdown().await;
     }
@@ -298,6 +306,8 @@ pub async fn run(config: Config, mut control: Control) -> Result<(), DaemonError
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), checker.wait()).await;
+    // Bounded: deliveries in flight get notify::STOP_WAIT, then are sent again after a start.
+    let _ = tokio::time::timeout(crate::notify::STOP_WAIT * 2, notifier).await;
     writer_stop.cancel();
     let _ = writer.await;
     let _ = watchdog.await;

@@ -172,8 +172,6 @@ pub struct DaemonInfo {
     /// Where the API listens, once bound.
     pub api: Mutex<ApiInfo>,
     writing: tokio::sync::Mutex<()>,
-    /// The last account count, with the engine generation it was taken at.
-    counted: Mutex<Option<(u64, Counted)>>,
 }
 
 impl DaemonInfo {
@@ -192,7 +190,6 @@ impl DaemonInfo {
             notifications: Mutex::new(BTreeMap::new()),
             api: Mutex::new(ApiInfo::default()),
             writing: tokio::sync::Mutex::new(()),
-            counted: Mutex::new(None),
         }
     }
 }
@@ -283,21 +280,14 @@ pub async fn snapshot(shared: &Shared, info: &DaemonInfo) -> Health {
     let store = &shared.store;
     let stats = &shared.stats;
     let mut store_error = stats.store_error();
-    // Counting every account is the costly part; do it only when something changed.
-    let generation = stats.generation.load(Ordering::Relaxed);
-    let cached = lock(&info.counted).clone().filter(|c| c.0 == generation);
-    let (accounts, mut profiles, attention) = match cached {
-        Some((_, counted)) => counted,
-        None => match count(shared).await {
-            Ok(counted) => {
-                *lock(&info.counted) = Some((generation, counted.clone()));
-                counted
-            }
-            Err(e) => {
-                store_error = Some(e.to_string());
-                (AccountCounts::default(), BTreeMap::new(), Vec::new())
-            }
-        },
+    // Counting every account is the costly part: `Shared::counts` does it only when something
+    // changed (and at most so often).
+    let (accounts, mut profiles, attention) = match count(shared).await {
+        Ok(counted) => counted,
+        Err(e) => {
+            store_error = Some(e.to_string());
+            (AccountCounts::default(), BTreeMap::new(), Vec::new())
+        }
     };
     for (name, reason, since) in shared.pauses.list() {
         let p = profiles.entry(name).or_default();
@@ -469,9 +459,15 @@ pub async fn run_writer(
     loop {
         let heartbeat = shared.runtime().config.daemon.health_interval.get();
         let since = last_write.elapsed();
+        // A count reused although something changed (counting is slow here): write again
+        // once it may run.
+        let recount = shared
+            .counts_stale_until()
+            .map(|ms| Duration::from_millis((ms - shared.clock.now_ms()).max(0) as u64));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(heartbeat.saturating_sub(since)) => {}
+            _ = tokio::time::sleep(recount.unwrap_or_default()), if recount.is_some() => {}
             _ = shared.changed.notified() => {
                 // Coalesce bursts of changes into one write a second.
                 let wait = Duration::from_secs(1).saturating_sub(last_write.elapsed());

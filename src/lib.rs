@@ -13,6 +13,8 @@
 //!   mean, pure; `pauses`: misconfigured profiles; the loop).
 //! - [`revocation`]: cron-scheduled revocation checks of company tokens.
 //! - [`api`]: the local API (Unix socket, optional TCP): tokens, accounts, health, metrics.
+//! - [`notify`]: tells a person when a person must act: the event log read as an outbox, signed
+//!   webhooks and commands, storm rules (`policy`, pure), at least once and in order.
 //! - [`health`], [`metrics`], [`telemetry`]: the health file, Prometheus metrics, logs.
 //! - [`daemon`]: `tokend run`: wires the above, handles signals, reload, readiness, shutdown.
 //! - [`state`]: the account-state vocabulary shared by all of the above.
@@ -34,6 +36,7 @@ pub mod health;
 pub mod journal;
 pub mod limiter;
 pub mod metrics;
+pub mod notify;
 pub mod provider;
 pub mod revocation;
 pub mod shared;

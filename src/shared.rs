@@ -113,12 +113,26 @@ struct LastCount {
     next_ms: i64,
 }
 
-/// Counting reads every account (about a second at ten million rows): once something changed
-/// it runs again only after a hundred times as long as it last took, so it never costs more
-/// than 1 % of a core, however often the health file is written or metrics are scraped.
+/// Counting reads every account (about a second at ten million rows). A count that took
+/// longer than [`COUNT_SLOW`] is reused, even after a change, for a hundred times as long as
+/// it took, so it never costs more than 1 % of a core however often the health file is
+/// written or metrics are scraped; faster counts (under half a million accounts or so) are
+/// always fresh.
 const COUNT_SHARE: u32 = 100;
+const COUNT_SLOW: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Shared {
+    /// When the counts may be taken again, if something changed since they were and counting
+    /// is held back until then (`None`: current, or may be counted now).
+    pub fn counts_stale_until(&self) -> Option<i64> {
+        let generation = self.stats.generation.load(Ordering::Relaxed);
+        let now = self.clock.now_ms();
+        lock(&self.counted)
+            .as_ref()
+            .filter(|last| last.generation != generation && last.next_ms > now)
+            .map(|last| last.next_ms)
+    }
+
     /// Accounts by state, token type and profile: counted again when something changed, at
     /// most as often as [`COUNT_SHARE`] allows.
     pub async fn counts(&self) -> Result<Vec<crate::store::Count>, StoreError> {
@@ -130,7 +144,12 @@ impl Shared {
         }
         let started = std::time::Instant::now();
         let counts = self.store.counts().await?;
-        let gap = (started.elapsed() * COUNT_SHARE).as_millis() as i64;
+        let took = started.elapsed();
+        let gap = if took > COUNT_SLOW {
+            (took * COUNT_SHARE).as_millis() as i64
+        } else {
+            0
+        };
         *lock(&self.counted) = Some(LastCount {
             generation,
             counts: counts.clone(),

@@ -1,10 +1,11 @@
-//! The command line: `run`, `check-config`, `accounts`, `token`, `status`, `demo`.
+//! The command line: `run`, `check-config`, `accounts`, `token`, `status`, `events`, `demo`.
 //!
 //! Commands that read (`accounts list|show`, `token`, `status`) never create or migrate the
 //! database; when the daemon runs, `token` and the account commands that change something ask
 //! it over its socket, so they go through its leases and work for members of `socket_group`.
 
 mod accounts;
+mod events;
 mod status;
 mod token;
 
@@ -109,6 +110,8 @@ Examples:
         #[arg(long)]
         liveness: bool,
     },
+    /// Show the event log and what was notified of each event, like journalctl.
+    Events(events::EventsArgs),
     /// Run the engine against a built-in mock provider with short-lived tokens.
     #[cfg(feature = "demo")]
     #[command(
@@ -236,6 +239,7 @@ pub fn main(cli: Cli) -> i32 {
             health_file,
             liveness,
         } => status::main(&path, json, health_file, liveness),
+        Command::Events(args) => events::main(&path, args),
         #[cfg(feature = "demo")]
         Command::Demo { duration, accounts } => {
             if let Some(c) = &cli.config {

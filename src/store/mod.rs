@@ -16,6 +16,7 @@
 //! restored backup moved over it) is refused, and the outcomes of that commit are reported as
 //! not durable, so the engine journals them.
 
+mod outbox;
 mod schema;
 mod sql;
 
@@ -31,6 +32,10 @@ use tokio::sync::oneshot;
 use crate::config::TokenType;
 use crate::state::State;
 
+pub use outbox::{
+    BURST_WINDOW, Delivery, DeliveryView, Finish, PlanFn, Planned, SinkPlan, SinkStats, Step,
+    SummaryDetails, Told,
+};
 pub use schema::SCHEMA_VERSION;
 pub use sql::WINDOW_SECS;
 

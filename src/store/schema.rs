@@ -27,7 +27,7 @@ fn stable_plans(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 fn open_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     move |e| StoreError::Open {
@@ -131,7 +131,7 @@ pub(super) fn check_version(conn: &Connection, path: &Path) -> Result<(), StoreE
 
 type Migration = fn(&Transaction<'_>) -> Result<(), String>;
 
-const MIGRATIONS: &[Migration] = &[v1, v2];
+const MIGRATIONS: &[Migration] = &[v1, v2, v3];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let current = version(conn, path)?;
@@ -503,4 +503,67 @@ fn describe(v: ValueRef<'_>) -> String {
         ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
         ValueRef::Blob(b) => format!("a {}-byte blob", b.len()),
     }
+}
+
+/// 3: notification delivery state. `account_events` is the outbox (written with each change);
+/// these tables record, per sink, how far events were planned, failing notifications waiting
+/// out `failing_after`, and each notification's delivery (see `outbox.rs`).
+fn v3(tx: &Transaction<'_>) -> Result<(), String> {
+    tx.execute_batch(
+        r#"
+    CREATE TABLE notify_sinks (
+        name     TEXT PRIMARY KEY NOT NULL,
+        cursor   INTEGER NOT NULL,
+        added_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE notify_held (
+        sink       TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        account_id TEXT NOT NULL,
+        due_at     INTEGER NOT NULL,
+        PRIMARY KEY (sink, seq)
+    ) STRICT;
+    CREATE INDEX notify_held_account ON notify_held (sink, account_id);
+    CREATE INDEX notify_held_due ON notify_held (due_at);
+    CREATE TABLE notify_deliveries (
+        ord              INTEGER PRIMARY KEY,
+        sink             TEXT NOT NULL,
+        id               TEXT NOT NULL,
+        seq              INTEGER NOT NULL,
+        type             TEXT NOT NULL,
+        okey             TEXT NOT NULL,
+        account_id       TEXT,
+        profile          TEXT,
+        from_state       TEXT,
+        to_state         TEXT,
+        reason           TEXT,
+        occurred_at      INTEGER NOT NULL,
+        details          TEXT,
+        status           TEXT NOT NULL CHECK (status IN
+                             ('open', 'pending', 'delivered', 'rejected', 'dead', 'summarised', 'suppressed')),
+        summary          TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        queued_at        INTEGER NOT NULL,
+        first_attempt_at INTEGER,
+        next_attempt_at  INTEGER,
+        last_error       TEXT,
+        done_at          INTEGER,
+        lease_owner      TEXT,
+        lease_until      INTEGER,
+        UNIQUE (sink, id)
+    ) STRICT;
+    CREATE INDEX notify_due ON notify_deliveries (sink, next_attempt_at) WHERE status = 'pending';
+    CREATE INDEX notify_open ON notify_deliveries (next_attempt_at) WHERE status = 'open';
+    CREATE INDEX notify_order ON notify_deliveries (sink, okey, ord);
+    CREATE INDEX notify_unfinished ON notify_deliveries (sink, okey, ord)
+        WHERE status IN ('pending', 'open', 'summarised');
+    CREATE INDEX notify_window ON notify_deliveries (sink, profile, queued_at)
+        WHERE account_id IS NOT NULL;
+    CREATE INDEX notify_event ON notify_deliveries (seq);
+    CREATE INDEX notify_done ON notify_deliveries (status, done_at);
+    CREATE INDEX notify_folded ON notify_deliveries (sink, summary) WHERE summary IS NOT NULL;
+    CREATE INDEX notify_leased ON notify_deliveries (lease_owner) WHERE lease_owner IS NOT NULL;
+    "#,
+    )
+    .map_err(|e| e.to_string())
 }

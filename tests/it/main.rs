@@ -9,6 +9,7 @@ mod durability;
 mod faults;
 mod helpers;
 mod hostile;
+mod notify;
 mod process;
 mod refresh;
 mod rotation;
