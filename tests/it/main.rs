@@ -8,6 +8,7 @@ mod durability;
 mod faults;
 mod helpers;
 mod hostile;
+mod logs;
 mod process;
 mod refresh;
 mod rotation;
