@@ -18,7 +18,7 @@
 //! The level can change at run time (SIGHUP reload) through [`LogHandle`].
 
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
@@ -273,7 +273,8 @@ impl<S: Subscriber> Layer<S> for Journald {
         }
         event.record(&mut JournalFields(&mut entry));
         if self.socket.send_to(&entry, &self.path).is_err() {
-            eprintln!("<{priority}>{line}");
+            // Not eprintln!: a closed stderr must not panic the daemon from inside a log call.
+            let _ = writeln!(std::io::stderr(), "<{priority}>{line}");
         }
     }
 }
