@@ -169,6 +169,9 @@ Set by systemd; when it names standard error, log events go to the journal with 
 (\fBTOKEND_ACCOUNT_ID\fR, \fBTOKEND_PROFILE\fR, …), or to standard error with \fB<N>\fR
 priority prefixes when the journal's socket is not there.
 .TP
+\fBTOKEND_JOURNAL_SOCKET\fR
+Replaces the journal's socket path (\fI/run/systemd/journal/socket\fR), for tests.
+.TP
 \fBNOTIFY_SOCKET\fR, \fBWATCHDOG_USEC\fR
 Set by systemd for \fBType=notify\fR and \fBWatchdogSec=\fR.
 .TP
