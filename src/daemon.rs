@@ -362,7 +362,7 @@ fn log_start(shared: &Shared, h: &health::Health) {
         version = env!("CARGO_PKG_VERSION"),
         instance = %shared.owner,
         profiles = %profiles.join(", "),
-        accounts = %if states.is_empty() { "none".to_owned() } else { states.join(", ") },
+        accounts_by_state = %if states.is_empty() { "none".to_owned() } else { states.join(", ") },
         refresh_lead = %humantime::format_duration(d.refresh_lead.get()),
         revocation_schedule = %d.revocation_schedule,
         database = %d.database.display(),

@@ -1,23 +1,42 @@
-//! Logging: tracing to stderr in one of three shapes.
+//! Logging: tracing events to the journal or to stderr, in one of four shapes.
 //!
-//! - Under systemd (`$JOURNAL_STREAM` names stderr's device and inode): no timestamps, no colour,
-//!   each line prefixed with its syslog priority (`<3>` error ... `<7>` debug), so
-//!   `journalctl -p warning` filters correctly.
-//! - `log_format = "json"`: one JSON object a line, for log shippers.
+//! - Under systemd (`$JOURNAL_STREAM` names stderr's device and inode) with the journal's
+//!   socket there: each event is one journal entry sent over the native protocol, with
+//!   `PRIORITY` (`3` error ... `7` debug), `MESSAGE` (the line a terminal would show, without
+//!   the time) and every field as `TOKEND_<NAME>` (`account_id` → `TOKEND_ACCOUNT_ID`), so
+//!   `journalctl TOKEND_ACCOUNT_ID=user-1` finds an account's lines.
+//! - Under systemd without the socket (or when a send fails): the same line on stderr, prefixed
+//!   with its sd-daemon priority (`<3>` ... `<7>`), no time, no colour; `journalctl -p` works.
+//! - `log_format = "json"`: one JSON object a line, the event's fields at the top level beside
+//!   `timestamp`, `level`, `message` and `target`; a field keeps one JSON type in every event.
 //! - Otherwise the usual readable format, coloured only on a terminal.
+//!
+//! Times are RFC 3339 in UTC. Fields that carry unix seconds are named `…_at` (as the database
+//! columns are) and are integers; text lines and `MESSAGE` show them as RFC 3339, JSON and the
+//! journal's `TOKEND_…_AT` fields keep the integer.
 //!
 //! The level can change at run time (SIGHUP reload) through [`LogHandle`].
 
 use std::fmt;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{self, DefaultVisitor, FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, format::Format};
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
+use crate::clock::rfc3339;
 use crate::config::{LogFormat, LogLevel};
+
+/// Where journald listens for native-protocol entries.
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 /// Changes the level filter of the installed subscriber.
 #[derive(Clone)]
@@ -59,36 +78,139 @@ pub fn stderr_is_journal() -> bool {
 pub fn init(level: LogLevel, format: LogFormat) -> LogHandle {
     let (filter_layer, handle) = reload::Layer::new(filter(level));
     let registry = tracing_subscriber::registry().with(filter_layer);
-    let fmt_layer = match format {
+    let layer = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .flatten_event(true)
             .with_current_span(false)
+            .with_span_list(false)
+            .with_timer(Rfc3339)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text if stderr_is_journal() => tracing_subscriber::fmt::layer()
-            .event_format(JournalFormat(
-                format::format()
-                    .without_time()
-                    .with_ansi(false)
-                    .with_target(false),
-            ))
-            .with_ansi(false)
-            .with_writer(std::io::stderr)
-            .boxed(),
+        LogFormat::Text if stderr_is_journal() => match Journald::connect() {
+            Some(journald) => journald.boxed(),
+            None => tracing_subscriber::fmt::layer()
+                .event_format(PriorityPrefix(
+                    format::format()
+                        .without_time()
+                        .with_ansi(false)
+                        .with_target(false),
+                ))
+                .fmt_fields(TextFields)
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .boxed(),
+        },
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
             .with_target(false)
+            .with_timer(Rfc3339)
+            .fmt_fields(TextFields)
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let _ = registry.with(fmt_layer).try_init();
+    let _ = registry.with(layer).try_init();
     LogHandle(handle)
 }
 
-/// The default format behind an sd-daemon priority prefix.
-struct JournalFormat(Format<format::Full, ()>);
+/// The sd-daemon / journald priority of a level: what `journalctl -p` filters on.
+fn priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
 
-impl<S, N> FormatEvent<S, N> for JournalFormat
+/// Whether a field carries unix seconds: by convention its name ends in `_at`, as the
+/// database's time columns do.
+fn is_unix_time(field: &Field) -> bool {
+    field.name().ends_with("_at")
+}
+
+/// Log times: RFC 3339, UTC, milliseconds (`2026-12-02T02:10:11.123Z`).
+struct Rfc3339;
+
+impl FormatTime for Rfc3339 {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        let now = chrono::Utc::now();
+        w.write_str(&now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    }
+}
+
+/// The default field format (`message key=value …`), with unix-time fields as RFC 3339.
+pub struct TextFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for TextFields {
+    type Visitor = TextVisitor<'a>;
+
+    fn make_visitor(&self, target: Writer<'a>) -> TextVisitor<'a> {
+        TextVisitor(DefaultVisitor::new(target, true))
+    }
+}
+
+pub struct TextVisitor<'a>(DefaultVisitor<'a>);
+
+impl TextVisitor<'_> {
+    fn record_time(&mut self, field: &Field, t: i64) {
+        self.0.record_debug(field, &format_args!("{}", rfc3339(t)));
+    }
+}
+
+impl Visit for TextVisitor<'_> {
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if is_unix_time(field) {
+            self.record_time(field, value)
+        } else {
+            self.0.record_i64(field, value)
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match i64::try_from(value) {
+            Ok(t) if is_unix_time(field) => self.record_time(field, t),
+            _ => self.0.record_u64(field, value),
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.record_f64(field, value)
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.record_bool(field, value)
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.record_str(field, value)
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.record_error(field, value)
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0.record_debug(field, value)
+    }
+}
+
+impl VisitOutput<fmt::Result> for TextVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl VisitFmt for TextVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        self.0.writer()
+    }
+}
+
+/// The default format behind an sd-daemon priority prefix.
+struct PriorityPrefix(Format<format::Full, ()>);
+
+impl<S, N> FormatEvent<S, N> for PriorityPrefix
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -99,13 +221,169 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let priority = match *event.metadata().level() {
-            Level::ERROR => 3,
-            Level::WARN => 4,
-            Level::INFO => 6,
-            Level::DEBUG | Level::TRACE => 7,
-        };
-        write!(writer, "<{priority}>")?;
+        write!(writer, "<{}>", priority(event.metadata().level()))?;
         self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// Sends each event to journald as one entry with its fields (the native protocol:
+/// <https://systemd.io/JOURNAL_NATIVE_PROTOCOL/>).
+///
+/// Not `tracing-journald`: its `MESSAGE` is the bare message ("refresh"), so `journalctl -u
+/// tokend` would lose the account, outcome and latency it shows today, and it has no way to
+/// change that. This layer writes the readable line as `MESSAGE` and the fields beside it.
+struct Journald {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Journald {
+    /// Connect to the journal's socket (`$TOKEND_JOURNAL_SOCKET`, for tests, replaces its
+    /// path); `None` when nothing listens there.
+    fn connect() -> Option<Journald> {
+        let path = std::env::var_os("TOKEND_JOURNAL_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET));
+        let socket = UnixDatagram::unbound().ok()?;
+        // Never block the daemon on a journal that does not keep up: such an entry goes to
+        // stderr (the journal's stream) instead.
+        socket.set_nonblocking(true).ok()?;
+        // journald ignores an empty datagram; the send fails if nobody listens.
+        socket.send_to(&[], &path).ok()?;
+        Some(Journald { socket, path })
+    }
+}
+
+impl<S: Subscriber> Layer<S> for Journald {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        let priority = priority(meta.level());
+        let mut line = format!("{:>5} ", meta.level());
+        let _ = TextFields.format_fields(Writer::new(&mut line), event);
+
+        let mut entry = Vec::with_capacity(256 + line.len());
+        put(&mut entry, "PRIORITY", priority.to_string().as_bytes());
+        put(&mut entry, "SYSLOG_IDENTIFIER", b"tokend");
+        put(&mut entry, "MESSAGE", line.trim_start().as_bytes());
+        if let Some(file) = meta.file() {
+            put(&mut entry, "CODE_FILE", file.as_bytes());
+        }
+        if let Some(n) = meta.line() {
+            put(&mut entry, "CODE_LINE", n.to_string().as_bytes());
+        }
+        event.record(&mut JournalFields(&mut entry));
+        if self.socket.send_to(&entry, &self.path).is_err() {
+            // Not eprintln!: a closed stderr must not panic the daemon from inside a log call.
+            let _ = writeln!(std::io::stderr(), "<{priority}>{line}");
+        }
+    }
+}
+
+/// The event's fields as `TOKEND_<NAME>` entries (the message is in `MESSAGE` already).
+struct JournalFields<'a>(&'a mut Vec<u8>);
+
+impl Visit for JournalFields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() != "message" {
+            put(self.0, &journal_name(field.name()), value.as_bytes());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() != "message" {
+            put(
+                self.0,
+                &journal_name(field.name()),
+                format!("{value:?}").as_bytes(),
+            );
+        }
+    }
+}
+
+/// `account_id` → `TOKEND_ACCOUNT_ID`: upper case, anything but letters and digits as `_`.
+fn journal_name(field: &str) -> String {
+    let mut name = String::with_capacity(7 + field.len());
+    name.push_str("TOKEND_");
+    name.extend(field.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    name
+}
+
+/// One field of a native-protocol entry: `NAME=value\n`, or, when the value holds a newline,
+/// `NAME\n`, its length as 64-bit little endian, the value and `\n`.
+fn put(entry: &mut Vec<u8>, name: &str, value: &[u8]) {
+    entry.extend_from_slice(name.as_bytes());
+    if value.contains(&b'\n') {
+        entry.push(b'\n');
+        entry.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    } else {
+        entry.push(b'=');
+    }
+    entry.extend_from_slice(value);
+    entry.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_fields_are_upper_case_and_prefixed() {
+        assert_eq!(journal_name("account_id"), "TOKEND_ACCOUNT_ID");
+        assert_eq!(journal_name("latency_ms"), "TOKEND_LATENCY_MS");
+        assert_eq!(journal_name("a.b"), "TOKEND_A_B");
+    }
+
+    #[test]
+    fn multi_line_values_are_length_prefixed() {
+        let mut e = Vec::new();
+        put(&mut e, "MESSAGE", b"one line");
+        put(&mut e, "TOKEND_ERROR", b"two\nlines");
+        let mut want = b"MESSAGE=one line\nTOKEND_ERROR\n".to_vec();
+        want.extend_from_slice(&9u64.to_le_bytes());
+        want.extend_from_slice(b"two\nlines\n");
+        assert_eq!(e, want);
+    }
+
+    #[test]
+    fn unix_time_fields_read_as_rfc3339_in_text() {
+        let out = TestWriter::default();
+        let captured = out.0.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(TextFields)
+            .without_time()
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                next_action_at = 1_795_875_310_i64,
+                latency_ms = 12_u64,
+                "refresh"
+            );
+        });
+        let text = String::from_utf8(captured.lock().expect("lock").clone()).expect("utf8");
+        assert!(
+            text.contains("refresh next_action_at=2026-11-28T14:15:10Z latency_ms=12"),
+            "{text}"
+        );
+    }
+
+    #[derive(Clone, Default)]
+    struct TestWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for TestWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 }

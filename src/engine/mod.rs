@@ -721,12 +721,13 @@ impl Engine {
             now,
         };
         let reason = outcome.change.reason.clone();
+        let error = outcome.change.last_error.clone();
         let committed = s.commit(outcome, &self.hard_stop).await;
         let latency_ms = took.as_millis() as u64;
         match &committed {
             Some(Committed::Applied { from, lapse }) => {
                 tracing::info!(account_id = %a.id, profile = %profile.name, outcome = outcome_name,
-                    latency_ms, next_action_at = next.unwrap_or(0), "refresh");
+                    latency_ms, next_action_at = next, error = error.as_deref(), "refresh");
                 if *lapse {
                     s.stats.lapses.fetch_add(1, Ordering::Relaxed);
                     s.metrics.lapse(&profile.name, 1);

@@ -9,6 +9,7 @@ mod durability;
 mod faults;
 mod helpers;
 mod hostile;
+mod logs;
 mod notify;
 mod process;
 mod refresh;
