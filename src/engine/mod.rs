@@ -374,12 +374,7 @@ impl Engine {
                     config: &config.config,
                     now,
                 };
-                let admission = a
-                    .profile
-                    .as_deref()
-                    .and_then(|p| decide_admissions.get(p).copied())
-                    .unwrap_or(Admission::Open);
-                policy::plan(&cx, a, admission)
+                policy::plan(&cx, a, admission_of(&config, &decide_admissions, a))
             })
             .await;
         let claimed = match claimed {
@@ -1143,10 +1138,12 @@ fn groups(rt: &Runtime) -> Vec<Option<String>> {
         .collect()
 }
 
-fn admission_of(rt: &Runtime, paused: &HashMap<String, Admission>, a: &Account) -> Admission {
+/// An account's admission, from its profile's (a row naming no profile belongs to the only
+/// one); `Open` for a profile not in `admissions`.
+fn admission_of(rt: &Runtime, admissions: &HashMap<String, Admission>, a: &Account) -> Admission {
     rt.config
         .profile_for(a.profile.as_deref())
-        .and_then(|p| paused.get(&p.name).copied())
+        .and_then(|p| admissions.get(&p.name).copied())
         .unwrap_or(Admission::Open)
 }
 

@@ -695,13 +695,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.writer
-            .run(move |c| {
-                c.check_identity()?;
-                c.sync(true)?;
-                f(&mut c.conn)
-            })
-            .await
+        self.write_synced(true, f).await
     }
 
     /// A write of claims or leases: its commit is not synced (see [`Conn::sync`]).
@@ -709,10 +703,18 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.write_synced(false, f).await
+    }
+
+    async fn write_synced<T: Send + 'static>(
+        &self,
+        full: bool,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         self.writer
             .run(move |c| {
                 c.check_identity()?;
-                c.sync(false)?;
+                c.sync(full)?;
                 f(&mut c.conn)
             })
             .await

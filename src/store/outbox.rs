@@ -11,8 +11,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::sql::{EVENT_COLUMNS, immediate, read_event};
 use super::{Event, Store, StoreError};
 use crate::config::SUMMARY_TYPE;
 
@@ -145,25 +146,6 @@ pub struct DeliveryView {
     /// The summary it was folded into, and that summary's status.
     pub summary: Option<String>,
     pub summary_status: Option<String>,
-}
-
-fn immediate(c: &mut Connection) -> Result<Transaction<'_>, StoreError> {
-    Ok(c.transaction_with_behavior(TransactionBehavior::Immediate)?)
-}
-
-const EVENT_COLUMNS: &str = "seq, kind, account_id, profile, from_state, to_state, reason, at";
-
-fn read_event(r: &Row<'_>) -> rusqlite::Result<Event> {
-    Ok(Event {
-        seq: r.get(0)?,
-        kind: r.get(1)?,
-        account_id: r.get(2)?,
-        profile: r.get(3)?,
-        from_state: r.get(4)?,
-        to_state: r.get(5)?,
-        reason: r.get(6)?,
-        at: r.get(7)?,
-    })
 }
 
 impl Store {

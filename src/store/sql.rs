@@ -24,7 +24,7 @@ pub const WINDOW_SECS: i64 = 3600;
 /// rolled back unless committed. Its `BEGIN` and `COMMIT` stay prepared, where rusqlite's
 /// `Transaction` prepares both anew each time (a few thousand instructions per transaction,
 /// measured, and tokend runs several per batch of refreshes).
-fn immediate(c: &mut Connection) -> Result<Tx<'_>, StoreError> {
+pub(super) fn immediate(c: &mut Connection) -> Result<Tx<'_>, StoreError> {
     c.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     Ok(Tx {
         conn: c,
@@ -32,13 +32,13 @@ fn immediate(c: &mut Connection) -> Result<Tx<'_>, StoreError> {
     })
 }
 
-struct Tx<'c> {
+pub(super) struct Tx<'c> {
     conn: &'c Connection,
     open: bool,
 }
 
 impl Tx<'_> {
-    fn commit(mut self) -> Result<(), StoreError> {
+    pub(super) fn commit(mut self) -> Result<(), StoreError> {
         self.conn.prepare_cached("COMMIT")?.execute([])?;
         self.open = false;
         Ok(())
@@ -937,7 +937,7 @@ pub(super) fn counts(c: &Connection) -> Result<Vec<Count>, StoreError> {
     Ok(out)
 }
 
-fn read_event(r: &Row<'_>) -> rusqlite::Result<Event> {
+pub(super) fn read_event(r: &Row<'_>) -> rusqlite::Result<Event> {
     Ok(Event {
         seq: r.get(0)?,
         kind: r.get(1)?,
@@ -950,7 +950,9 @@ fn read_event(r: &Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
-const EVENT_COLUMNS: &str = "seq, kind, account_id, profile, from_state, to_state, reason, at";
+/// An event row's columns, in the order [`read_event`] expects.
+pub(super) const EVENT_COLUMNS: &str =
+    "seq, kind, account_id, profile, from_state, to_state, reason, at";
 
 pub(super) fn events(
     c: &Connection,
