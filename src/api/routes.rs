@@ -43,7 +43,11 @@ pub(super) fn router() -> Router<Arc<Api>> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.yaml", get(openapi))
 }
+
+/// This API's OpenAPI 3.1 description, built into the binary so it always matches it.
+const OPENAPI: &str = include_str!("openapi.yaml");
 
 #[derive(Clone, Copy)]
 enum Need {
@@ -696,4 +700,10 @@ async fn metrics(
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     Ok(r)
+}
+
+/// `GET /v1/openapi.yaml`: the document describing these routes.
+async fn openapi(Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    require(&caller, Need::Read)?;
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response())
 }
