@@ -443,6 +443,14 @@ async fn link(
     require(&caller, Need::Admin)?;
     let rt = api.shared.runtime();
     let a = crate::accounts::parse_row(&rt.config, &body_json(&body)?).map_err(invalid)?;
+    // SQLite's length() stops at a NUL, so the table's CHECK refuses an id that starts with one
+    // (a 500 if it got that far) and other tools would cut one short anywhere: refuse them here.
+    if a.id.contains('\0') {
+        return Err(ApiError::Invalid {
+            field: "id".into(),
+            message: "id contains a NUL character".into(),
+        });
+    }
     let id = a.id.clone();
     match api
         .shared
