@@ -143,10 +143,12 @@ fn setup(mock_url: &str, daemon: &str) -> Setup {
     std::fs::write(
         &config,
         format!(
-            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n# The mock rotates immediately: a superseded refresh token is dead already.\nrevoke_superseded = false\n",
+            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n# The mock rotates immediately: a superseded refresh token is dead already.\nrevoke_superseded = false\n\n[api]\nsocket = \"{}\"\n",
             db.display(),
             dir.path().join("health.json").display(),
-            secret.display()
+            secret.display(),
+            // Not the default /run/tokend/api.sock, whose directory only systemd creates.
+            dir.path().join("api.sock").display()
         ),
     )
     .expect("config");
