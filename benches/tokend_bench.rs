@@ -726,10 +726,11 @@ impl Load {
 }
 
 /// `clients` concurrent HTTP/1.1 keep-alive connections to the Unix socket at `socket`, each
-/// sending GETs of `path(rng)` back to back for `seconds`. A plain client over the socket (write
-/// the request, read headers and a Content-Length body) so its own CPU, which shares the two
-/// cores with the server, stays small and equal for every server measured.
+/// sending GETs of `path(rng)` back to back for `seconds`, on the runtime `on`. A plain client
+/// over the socket (write the request, read headers and a Content-Length body) so its own CPU,
+/// which shares the two cores with the server, stays small and equal for every server measured.
 async fn load(
+    on: &tokio::runtime::Handle,
     socket: &Path,
     clients: usize,
     seconds: f64,
@@ -741,7 +742,7 @@ async fn load(
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let (socket, path) = (socket.to_owned(), path.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(on.spawn(async move {
             let stream = tokio::net::UnixStream::connect(&socket)
                 .await
                 .unwrap_or_else(|e| die(&format!("connect {}: {e}", socket.display())));
@@ -799,7 +800,8 @@ async fn load(
     }
 }
 
-/// CPU (utime + stime) this harness process has used, in seconds: the clients and the mock.
+/// CPU (utime + stime) this harness process has used, in seconds: the clients, the mock and the
+/// hello-world server.
 fn own_cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
@@ -860,9 +862,23 @@ async fn api(a: &Args, smoke: bool) -> Report {
         .collect();
     fill(&s.db, rows.into_iter());
 
+    // The clients, and the hello-world server, each on two threads of their own, as they would
+    // be other processes: on the harness's runtime they would queue the mock's answers to
+    // tokend behind their own work.
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (client_rt, hello_rt) = (runtime("bench-clients"), runtime("bench-hello"));
+    let on = client_rt.handle().clone();
     // The hello-world ceiling: a fixed body shaped like the token answer.
     let hello = s.dir.path().join("hello.sock");
-    let listener = tokio::net::UnixListener::bind(&hello).expect("hello socket");
+    let listener = std::os::unix::net::UnixListener::bind(&hello).expect("hello socket");
+    listener.set_nonblocking(true).expect("nonblocking");
     let body = format!(
         "{{\"access_token\":\"{:064x}\",\"token_type\":\"Bearer\",\"expires_at\":\"2026-11-28T10:00:00Z\",\"scopes\":[],\"state\":\"active\"}}",
         fastrand::u128(..)
@@ -876,7 +892,10 @@ async fn api(a: &Args, smoke: bool) -> Report {
             )
         }
     });
-    let hello_server = tokio::spawn(async move { axum::serve(listener, app).await });
+    hello_rt.spawn(async move {
+        let listener = tokio::net::UnixListener::from_std(listener).expect("hello listener");
+        axum::serve(listener, app).await
+    });
 
     let mut d = Daemon::spawn(&s);
     d.wait_ready(Duration::from_secs(60));
@@ -888,7 +907,7 @@ async fn api(a: &Args, smoke: bool) -> Report {
             )
         });
     // Warm up: connections, the store's page cache, the engine's first claims.
-    load(&socket, clients, seconds / 4.0, token_path.clone()).await;
+    load(&on, &socket, clients, seconds / 4.0, token_path.clone()).await;
     // Then, each for `seconds`: no API load (what the engine does on this machine right now),
     // token fetches, /healthz, and the hello-world server. What each phase cost and what the
     // engine managed meanwhile is taken at its edges.
@@ -907,9 +926,10 @@ async fn api(a: &Args, smoke: bool) -> Report {
     let m0 = mark(&d);
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     let m1 = mark(&d);
-    let token = load(&socket, clients, seconds, token_path).await;
+    let token = load(&on, &socket, clients, seconds, token_path).await;
     let m2 = mark(&d);
     let healthz = load(
+        &on,
         &socket,
         clients,
         seconds,
@@ -917,11 +937,19 @@ async fn api(a: &Args, smoke: bool) -> Report {
     )
     .await;
     let m3 = mark(&d);
-    let raw = load(&hello, clients, seconds, Arc::new(|_| "/hello".to_owned())).await;
+    let raw = load(
+        &on,
+        &hello,
+        clients,
+        seconds,
+        Arc::new(|_| "/hello".to_owned()),
+    )
+    .await;
     let m4 = mark(&d);
     let expired = mock.expired_now().len() as u64;
     let code = d.stop();
-    hello_server.abort();
+    client_rt.shutdown_background();
+    hello_rt.shutdown_background();
     let t = mock.totals();
     let lapses = t.lapses + expired;
     let ratio = token.per_s() / healthz.per_s();
