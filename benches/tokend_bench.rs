@@ -3,9 +3,10 @@
 //! Lapses and reuse come from the mock's books, not from the daemon.
 //!
 //! cargo bench --bench tokend_bench -- SCENARIO [--n N] [--duration SECS] [--lifetime SECS]
-//!     [--lead SECS] [--jitter SECS] [--concurrency C] [--log-level LEVEL] [--json PATH]
+//!     [--lead SECS] [--jitter SECS] [--concurrency C] [--clients C] [--log-level LEVEL]
+//!     [--json PATH]
 //!
-//! Scenarios: capacity, catchup, idle, scale, smoke (all four, tiny), all. See BENCHMARKS.md.
+//! Scenarios: capacity, catchup, idle, scale, api, smoke (all five, tiny), all. See BENCHMARKS.md.
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
@@ -29,6 +30,7 @@ struct Args {
     lead: Option<u64>,
     jitter: Option<u64>,
     concurrency: Option<usize>,
+    clients: Option<usize>,
     log_level: String,
     json: Option<PathBuf>,
 }
@@ -42,6 +44,7 @@ fn parse_args() -> Args {
         lead: None,
         jitter: None,
         concurrency: None,
+        clients: None,
         log_level: "info".into(),
         json: None,
     };
@@ -63,6 +66,7 @@ fn parse_args() -> Args {
             "--lead" => args.lead = Some(num(val("--lead"))),
             "--jitter" => args.jitter = Some(num(val("--jitter"))),
             "--concurrency" => args.concurrency = Some(num(val("--concurrency")) as usize),
+            "--clients" => args.clients = Some(num(val("--clients")) as usize),
             "--log-level" => args.log_level = val("--log-level"),
             "--json" => args.json = Some(PathBuf::from(val("--json"))),
             s if !s.starts_with('-') && args.scenario.is_empty() => args.scenario = s.to_owned(),
@@ -70,7 +74,7 @@ fn parse_args() -> Args {
         }
     }
     if args.scenario.is_empty() {
-        die("name a scenario: capacity, catchup, idle, scale, smoke or all");
+        die("name a scenario: capacity, catchup, idle, scale, api, smoke or all");
     }
     args
 }
@@ -147,11 +151,12 @@ fn setup(mock_url: &str, daemon: &str) -> Setup {
     std::fs::write(
         &config,
         format!(
-            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[api]\nsocket = \"{}\"\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n# The mock rotates immediately: a superseded refresh token is dead already.\nrevoke_superseded = false\n",
+            "[daemon]\ndatabase = \"{}\"\nhealth_file = \"{}\"\n{daemon}\n\n[[profile]]\nname = \"bench\"\nbase_url = \"{mock_url}\"\nclient_id = \"mock-client\"\nclient_secret_file = \"{}\"\n# The mock rotates immediately: a superseded refresh token is dead already.\nrevoke_superseded = false\n\n[api]\nsocket = \"{}\"\n",
             db.display(),
             dir.path().join("health.json").display(),
-            dir.path().join("api.sock").display(),
-            secret.display()
+            secret.display(),
+            // Not the default /run/tokend/api.sock, whose directory only systemd creates.
+            dir.path().join("api.sock").display()
         ),
     )
     .expect("config");
@@ -779,6 +784,389 @@ async fn scale(a: &Args, smoke: bool) -> Report {
     r
 }
 
+/// What one client load measured: answers in the window, those that were not 200, and each
+/// answer's latency.
+struct Load {
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    latency_us: Vec<i64>,
+}
+
+impl Load {
+    fn per_s(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+    fn p(&self, q: f64) -> f64 {
+        percentile(&self.latency_us, q) as f64 / 1000.0
+    }
+}
+
+/// `clients` concurrent HTTP/1.1 keep-alive connections to the Unix socket at `socket`, each
+/// sending GETs of `path(rng)` back to back for `seconds`, on the runtime `on`. A plain client
+/// over the socket (write the request, read headers and a Content-Length body) so its own CPU,
+/// which shares the two cores with the server, stays small and equal for every server measured.
+async fn load(
+    on: &tokio::runtime::Handle,
+    socket: &Path,
+    clients: usize,
+    seconds: f64,
+    path: Arc<dyn Fn(&mut fastrand::Rng) -> String + Send + Sync>,
+) -> Load {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (socket, path) = (socket.to_owned(), path.clone());
+        tasks.push(on.spawn(async move {
+            let stream = tokio::net::UnixStream::connect(&socket)
+                .await
+                .unwrap_or_else(|e| die(&format!("connect {}: {e}", socket.display())));
+            let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
+            let mut rng = fastrand::Rng::new();
+            let (mut latency, mut errors) = (Vec::new(), 0u64);
+            let (mut line, mut body) = (String::new(), Vec::new());
+            while Instant::now() < until {
+                let req = format!("GET {} HTTP/1.1\r\nhost: tokend\r\n\r\n", path(&mut rng));
+                let sent = Instant::now();
+                write.write_all(req.as_bytes()).await.expect("write");
+                let (mut status, mut length) = (0u16, None::<usize>);
+                loop {
+                    line.clear();
+                    if read.read_line(&mut line).await.expect("read") == 0 {
+                        die("the server closed a keep-alive connection");
+                    }
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(rest) = l.strip_prefix("HTTP/1.1 ") {
+                        status = rest.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                    } else if let Some((k, v)) = l.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        length = v.trim().parse().ok();
+                    }
+                }
+                let length = length.unwrap_or_else(|| die("an answer without Content-Length"));
+                body.resize(length, 0);
+                read.read_exact(&mut body).await.expect("body");
+                latency.push(sent.elapsed().as_micros() as i64);
+                if status != 200 {
+                    errors += 1;
+                }
+            }
+            (latency, errors)
+        }));
+    }
+    let (mut latency_us, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("client task");
+        latency_us.extend(l);
+        errors += e;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    latency_us.sort_unstable();
+    Load {
+        requests: latency_us.len() as u64,
+        errors,
+        seconds,
+        latency_us,
+    }
+}
+
+/// CPU (utime + stime) this harness process has used, in seconds: the clients, the mock and the
+/// hello-world server.
+fn own_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// The machine's 1-minute load average: other work on the shared cores shows here.
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Token fetches over the Unix socket from many clients, with N accounts whose short tokens
+/// the engine keeps refreshing meanwhile; beside, in the same run and under the same refresh
+/// load, the same client load against tokend's `/healthz` on the same socket (the ceiling the
+/// ratio is judged against: the same process, listener, peer-uid check and request counting,
+/// a handler that does nothing) and against a hello-world axum server on a Unix socket in this
+/// process (the HTTP stack alone, for scale).
+async fn api(a: &Args, smoke: bool) -> Report {
+    let n = a.n.unwrap_or(if smoke { 2_000 } else { 100_000 });
+    // Five-minute tokens: 100,000 accounts make ~350 refreshes/s, the work of a million
+    // one-hour tokens. (`--lifetime 60`, capacity's 2,400/s, leaves the engine no headroom on
+    // two cores once clients saturate them; BENCHMARKS.md shows that run too.)
+    let lifetime = a.lifetime.unwrap_or(if smoke { 12 } else { 300 }) as i64;
+    let lead = a.lead.unwrap_or(if smoke { 4 } else { 15 }) as i64;
+    let jitter = a.jitter.unwrap_or(if smoke { 1 } else { 5 }) as i64;
+    let seconds = a.duration.unwrap_or(if smoke { 2 } else { 20 }) as f64;
+    let clients = a.clients.unwrap_or(if smoke { 8 } else { 32 });
+    let conc = a.concurrency.unwrap_or(64);
+    // A stored token always has about `lead` seconds left; ask for a third of that, so fetches
+    // are served from the store (the common case) and none forces a refresh.
+    let min_ttl = (lead / 3).max(1);
+    let mock = start_mock(Duration::from_secs(lifetime as u64)).await;
+    let s = setup(
+        &mock.url(),
+        &format!(
+            "refresh_lead = \"{lead}s\"\nrefresh_jitter = \"{jitter}s\"\nmax_concurrent_refreshes = {conc}\nlog_level = \"{}\"\nrevocation_schedule = \"0 0 0 1 1 *\"\nmin_refresh_interval = \"10s\"\nmax_token_requests_per_hour = 1000",
+            a.log_level
+        ),
+    );
+    let socket = s.dir.path().join("api.sock");
+    // Ages spread so due times are uniform over the first cycle, as in `capacity`.
+    let now = now_s();
+    let span = (lifetime - lead - jitter - 1).max(1) as u64;
+    let rows: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("u{i:07}");
+            let age = Duration::from_millis(fastrand::u64(0..span * 1000));
+            let t = mock.issue_user(&id, age);
+            let exp = t.expires_at.expect("expiry");
+            let next = (exp - lead - fastrand::i64(0..=jitter)).max(now);
+            (id, t.access_token, t.refresh_token, exp, next)
+        })
+        .collect();
+    fill(&s.db, rows.into_iter());
+
+    // The clients, and the hello-world server, each on two threads of their own, as they would
+    // be other processes: on the harness's runtime they would queue the mock's answers to
+    // tokend behind their own work.
+    let runtime = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (client_rt, hello_rt) = (runtime("bench-clients"), runtime("bench-hello"));
+    let on = client_rt.handle().clone();
+    // The hello-world ceiling: a fixed body shaped like the token answer.
+    let hello = s.dir.path().join("hello.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&hello).expect("hello socket");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let body = format!(
+        "{{\"access_token\":\"{:064x}\",\"token_type\":\"Bearer\",\"expires_at\":\"2026-11-28T10:00:00Z\",\"scopes\":[],\"state\":\"active\"}}",
+        fastrand::u128(..)
+    );
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+        }
+    });
+    hello_rt.spawn(async move {
+        let listener = tokio::net::UnixListener::from_std(listener).expect("hello listener");
+        axum::serve(listener, app).await
+    });
+
+    let mut d = Daemon::spawn(&s);
+    d.wait_ready(Duration::from_secs(60));
+    let token_path: Arc<dyn Fn(&mut fastrand::Rng) -> String + Send + Sync> =
+        Arc::new(move |rng| {
+            format!(
+                "/v1/accounts/u{:07}/token?min_ttl={min_ttl}",
+                rng.usize(0..n)
+            )
+        });
+    // Warm up: connections, the store's page cache, the engine's first claims.
+    load(&on, &socket, clients, seconds / 4.0, token_path.clone()).await;
+    // Then, each for `seconds`: no API load (what the engine does on this machine right now),
+    // token fetches, /healthz, and the hello-world server. What each phase cost and what the
+    // engine managed meanwhile is taken at its edges.
+    let mark = |d: &Daemon| {
+        let t = mock.totals();
+        let lapsing = mock.expired_now().len() as u64;
+        (
+            Instant::now(),
+            d.cpu_s(),
+            own_cpu_s(),
+            t.grants,
+            t.lapses,
+            lapsing,
+        )
+    };
+    let m0 = mark(&d);
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let m1 = mark(&d);
+    let token = load(&on, &socket, clients, seconds, token_path).await;
+    let m2 = mark(&d);
+    let healthz = load(
+        &on,
+        &socket,
+        clients,
+        seconds,
+        Arc::new(|_| "/healthz".to_owned()),
+    )
+    .await;
+    let m3 = mark(&d);
+    let raw = load(
+        &on,
+        &hello,
+        clients,
+        seconds,
+        Arc::new(|_| "/hello".to_owned()),
+    )
+    .await;
+    let m4 = mark(&d);
+    let expired = mock.expired_now().len() as u64;
+    let code = d.stop();
+    client_rt.shutdown_background();
+    hello_rt.shutdown_background();
+    let t = mock.totals();
+    let lapses = t.lapses + expired;
+    let ratio = token.per_s() / healthz.per_s();
+    let mut r = Report::new("api");
+    r.add("accounts", "accounts", n as u64, "");
+    r.add("lifetime_s", "access-token lifetime (s)", lifetime, "");
+    r.add(
+        "clients",
+        "concurrent clients (connections)",
+        clients as u64,
+        "",
+    );
+    r.add("seconds", "measured per phase (s)", seconds, "");
+    r.add("min_ttl_s", "min_ttl asked (s)", min_ttl, "");
+    r.add(
+        "loadavg",
+        "machine load average at the end (1 min)",
+        loadavg(),
+        "",
+    );
+    let round = |x: f64, k: f64| (x * k).round() / k;
+    type Mark = (Instant, f64, f64, u64, u64, u64);
+    let phase = |r: &mut Report, key: &str, label: &str, l: Option<&Load>, a: Mark, b: Mark| {
+        let secs = (b.0 - a.0).as_secs_f64();
+        if let Some(l) = l {
+            let per = |cpu: f64| round(cpu * 1e6 / l.requests.max(1) as f64, 1.0);
+            r.add(
+                &format!("{key}_per_s"),
+                &format!("{label}: requests/s"),
+                round(l.per_s(), 1.0),
+                "",
+            );
+            r.add(
+                &format!("{key}_p50_ms"),
+                &format!("{label}: p50 (ms)"),
+                round(l.p(0.50), 1000.0),
+                "",
+            );
+            let p99 = l.p(0.99);
+            let target = if key == "token" {
+                verdict(p99 < 5.0, "< 5 ms")
+            } else {
+                String::new()
+            };
+            r.add(
+                &format!("{key}_p99_ms"),
+                &format!("{label}: p99 (ms)"),
+                round(p99, 1000.0),
+                &target,
+            );
+            r.add(
+                &format!("{key}_errors"),
+                &format!("{label}: answers not 200"),
+                l.errors,
+                "",
+            );
+            r.add(
+                &format!("{key}_daemon_cpu_us"),
+                &format!("{label}: tokend CPU per request (us)"),
+                per(b.1 - a.1),
+                "",
+            );
+            r.add(
+                &format!("{key}_harness_cpu_us"),
+                &format!("{label}: harness CPU per request (us)"),
+                per(b.2 - a.2),
+                "",
+            );
+        }
+        r.add(
+            &format!("{key}_daemon_cores"),
+            &format!("{label}: tokend CPU (cores)"),
+            round((b.1 - a.1) / secs, 100.0),
+            "",
+        );
+        r.add(
+            &format!("{key}_refreshes_per_s"),
+            &format!("{label}: refreshes/s meanwhile (mock)"),
+            round((b.3 - a.3) as f64 / secs, 1.0),
+            "",
+        );
+        r.add(
+            &format!("{key}_lapses"),
+            &format!("{label}: lapses meanwhile (mock)"),
+            b.4 - a.4,
+            "",
+        );
+        r.add(
+            &format!("{key}_lapsing_at_end"),
+            &format!("{label}: tokens expired at its end (mock)"),
+            b.5,
+            "",
+        );
+    };
+    phase(&mut r, "quiet", "no API load", None, m0, m1);
+    phase(&mut r, "token", "token fetches", Some(&token), m1, m2);
+    phase(
+        &mut r,
+        "healthz",
+        "ceiling: tokend /healthz",
+        Some(&healthz),
+        m2,
+        m3,
+    );
+    phase(
+        &mut r,
+        "hello",
+        "hello-world axum, harness",
+        Some(&raw),
+        m3,
+        m4,
+    );
+    r.add(
+        "ratio",
+        "token / /healthz ceiling",
+        round(ratio, 100.0),
+        &verdict(ratio >= 0.7, ">= 0.7"),
+    );
+    r.add(
+        "ratio_hello",
+        "token / hello-world",
+        round(token.per_s() / raw.per_s(), 100.0),
+        "",
+    );
+    r.add(
+        "lapses",
+        "lapses, whole run (mock)",
+        lapses,
+        &verdict(lapses == 0, "0"),
+    );
+    r.add(
+        "reuse_attempts",
+        "reuse attempts (mock)",
+        t.reuse_attempts,
+        &verdict(t.reuse_attempts == 0, "0"),
+    );
+    r.add("exit_code", "daemon exit code", code.unwrap_or(-1), "");
+    r
+}
+
 fn main() {
     let args = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -787,7 +1175,7 @@ fn main() {
         .expect("runtime");
     let smoke = args.scenario == "smoke";
     let scenarios: Vec<&str> = match args.scenario.as_str() {
-        "smoke" | "all" => vec!["capacity", "catchup", "idle", "scale", "callgrind"],
+        "smoke" | "all" => vec!["capacity", "catchup", "idle", "scale", "api", "callgrind"],
         s => vec![s],
     };
     let mut out = BTreeMap::new();
@@ -799,6 +1187,7 @@ fn main() {
                 "idle" => idle(&args, smoke).await,
                 "scale" => scale(&args, smoke).await,
                 "callgrind" => callgrind(&args, smoke).await,
+                "api" => api(&args, smoke).await,
                 other => die(&format!("unknown scenario {other}")),
             }
         });
@@ -830,6 +1219,15 @@ fn main() {
             .unwrap_or(1);
         if lapses != 0 || reuse != 0 {
             eprintln!("tokend_bench smoke: {lapses} lapses, {reuse} reuse attempts in a tiny run");
+            std::process::exit(1);
+        }
+        let api = &doc["results"]["api"];
+        let served = api["token_per_s"].as_f64().unwrap_or(0.0);
+        let refused = api["token_errors"].as_u64().unwrap_or(1);
+        if served <= 0.0 || refused != 0 {
+            eprintln!(
+                "tokend_bench smoke: the api scenario served {served}/s, {refused} answers not 200"
+            );
             std::process::exit(1);
         }
     }

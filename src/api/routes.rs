@@ -43,7 +43,11 @@ pub(super) fn router() -> Router<Arc<Api>> {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.yaml", get(openapi))
 }
+
+/// This API's OpenAPI 3.1 description, built into the binary so it always matches it.
+const OPENAPI: &str = include_str!("openapi.yaml");
 
 #[derive(Clone, Copy)]
 enum Need {
@@ -439,6 +443,14 @@ async fn link(
     require(&caller, Need::Admin)?;
     let rt = api.shared.runtime();
     let a = crate::accounts::parse_row(&rt.config, &body_json(&body)?).map_err(invalid)?;
+    // SQLite's length() stops at a NUL, so the table's CHECK refuses an id that starts with one
+    // (a 500 if it got that far) and other tools would cut one short anywhere: refuse them here.
+    if a.id.contains('\0') {
+        return Err(ApiError::Invalid {
+            field: "id".into(),
+            message: "id contains a NUL character".into(),
+        });
+    }
     let id = a.id.clone();
     match api
         .shared
@@ -696,4 +708,10 @@ async fn metrics(
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     Ok(r)
+}
+
+/// `GET /v1/openapi.yaml`: the document describing these routes.
+async fn openapi(Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    require(&caller, Need::Read)?;
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response())
 }
