@@ -154,6 +154,9 @@ impl Default for Metrics {
     }
 }
 
+/// The outcomes a refresh is counted under.
+pub const REFRESH_OUTCOMES: [&str; 4] = ["refreshed", "invalid_grant", "misconfigured", "transient"];
+
 impl Metrics {
     pub fn refresh(&self, profile: &str, outcome: &str, took: Duration) {
         self.refreshes
@@ -221,6 +224,15 @@ impl Metrics {
             self.headroom.get_or_create(&profile(&p)).set(secs);
         }
         for (p, paused, open) in now.profiles {
+            // Every profile's counters exist from the first scrape, at 0: `rate()` and alerts
+            // on `increase()` then see a profile before its first refresh or lapse.
+            for outcome in REFRESH_OUTCOMES {
+                self.refreshes.get_or_create(&vec![
+                    ("profile", p.clone()),
+                    ("outcome", outcome.to_owned()),
+                ]);
+            }
+            self.lapses.get_or_create(&profile(&p));
             self.paused
                 .get_or_create(&profile(&p))
                 .set(i64::from(paused));
@@ -289,5 +301,20 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} not in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_profile_s_counters_exist_at_zero_before_anything_happens() {
+        let m = Metrics::default();
+        let text = m.render(Gauges {
+            profiles: vec![("quiet".into(), false, false)],
+            ..Gauges::default()
+        });
+        for outcome in REFRESH_OUTCOMES {
+            let needle =
+                format!("tokend_refreshes_total{{profile=\"quiet\",outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&needle), "{needle} not in:\n{text}");
+        }
+        assert!(text.contains("tokend_token_lapses_total{profile=\"quiet\"} 0"), "{text}");
     }
 }
