@@ -227,12 +227,12 @@ impl Metrics {
             // Every profile's counters exist from the first scrape, at 0: `rate()` and alerts
             // on `increase()` then see a profile before its first refresh or lapse.
             for outcome in REFRESH_OUTCOMES {
-                self.refreshes.get_or_create(&vec![
+                drop(self.refreshes.get_or_create(&vec![
                     ("profile", p.clone()),
                     ("outcome", outcome.to_owned()),
-                ]);
+                ]));
             }
-            self.lapses.get_or_create(&profile(&p));
+            drop(self.lapses.get_or_create(&profile(&p)));
             self.paused
                 .get_or_create(&profile(&p))
                 .set(i64::from(paused));
