@@ -155,7 +155,8 @@ impl Default for Metrics {
 }
 
 /// The outcomes a refresh is counted under.
-pub const REFRESH_OUTCOMES: [&str; 4] = ["refreshed", "invalid_grant", "misconfigured", "transient"];
+pub const REFRESH_OUTCOMES: [&str; 4] =
+    ["refreshed", "invalid_grant", "misconfigured", "transient"];
 
 impl Metrics {
     pub fn refresh(&self, profile: &str, outcome: &str, took: Duration) {
@@ -315,6 +316,9 @@ mod tests {
                 format!("tokend_refreshes_total{{profile=\"quiet\",outcome=\"{outcome}\"}} 0");
             assert!(text.contains(&needle), "{needle} not in:\n{text}");
         }
-        assert!(text.contains("tokend_token_lapses_total{profile=\"quiet\"} 0"), "{text}");
+        assert!(
+            text.contains("tokend_token_lapses_total{profile=\"quiet\"} 0"),
+            "{text}"
+        );
     }
 }
