@@ -523,8 +523,10 @@ async fn adaptive_concurrency_keeps_a_serial_servers_queue_short_at_full_speed()
         "queued up to {} at a one-at-a-time server",
         t.max_queued
     );
+    // Within 10 % of the best any fixed limit can do: a server that serves one at a time
+    // finishes N requests in N service times at best, whatever is queued there.
     assert!(
-        took.as_secs_f64() <= best.as_secs_f64() * 1.15 + 1.0,
+        took.as_secs_f64() <= best.as_secs_f64() * 1.10,
         "took {took:?}; a server that serves one at a time needs {best:?}"
     );
 }
