@@ -488,6 +488,8 @@ async fn refresh_locally(path: &Path, id: &str) -> i32 {
             1
         }
     };
+    // The refresh token it replaced is revoked now, as the daemon would.
+    engine.finish().await;
     store.close().await;
     code
 }
