@@ -123,11 +123,18 @@ fn print_account(v: &serde_json::Value) {
         return;
     }
     let field = |k: &str| v[k].as_str().unwrap_or("-").to_owned();
+    // The daemon may answer with a token that expired (a resumed account, say): say so.
+    let expiry = match v["expires_at"].as_str() {
+        None => "no expiry".to_owned(),
+        Some(t) if humantime::parse_rfc3339(t).is_ok_and(|t| t <= std::time::SystemTime::now()) => {
+            format!("expired at {t}")
+        }
+        Some(t) => format!("expires at {t}"),
+    };
     println!(
-        "{}: {} (expires at {}, last refresh {})",
+        "{}: {} ({expiry}, last refresh {})",
         field("id"),
         field("state"),
-        field("expires_at"),
         field("last_refresh_at")
     );
 }
@@ -236,6 +243,14 @@ fn when(t: Option<i64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// An access token's expiry for the listing: a time already past reads "expired …".
+fn expiry(t: Option<i64>, now: i64) -> String {
+    match t.filter(|t| *t > 1) {
+        Some(t) if t <= now => format!("expired {}", rfc3339(t)),
+        t => when(t),
+    }
+}
+
 async fn list(p: &Places, json: bool, state: Option<State>) -> i32 {
     let store = match open_read_only(p) {
         Ok(s) => s,
@@ -257,8 +272,9 @@ async fn list(p: &Places, json: bool, state: Option<State>) -> i32 {
     let mut t = tabwriter::TabWriter::new(&mut out).padding(2);
     let _ = writeln!(
         t,
-        "ID\tPROFILE\tTYPE\tSTATE\tEXPIRES AT\tLAST REFRESH\tLAST PROBE\tFAILURES\tREASON"
+        "ID\tPROFILE\tTYPE\tSTATE\tEXPIRY\tLAST REFRESH\tLAST PROBE\tFAILURES\tREASON"
     );
+    let now = Clock::system().now();
     for r in rows {
         let _ = writeln!(
             t,
@@ -267,7 +283,7 @@ async fn list(p: &Places, json: bool, state: Option<State>) -> i32 {
             r.profile.as_deref().unwrap_or("-"),
             r.token_type,
             r.state,
-            when(r.expires_at),
+            expiry(r.expires_at, now),
             when(r.last_refresh_at),
             when(r.last_checked_at),
             r.failures,
@@ -472,6 +488,8 @@ async fn refresh_locally(path: &Path, id: &str) -> i32 {
             1
         }
     };
+    // The refresh token it replaced is revoked now, as the daemon would.
+    engine.finish().await;
     store.close().await;
     code
 }

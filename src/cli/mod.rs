@@ -47,7 +47,10 @@ pub enum Command {
   74   the database cannot be opened or migrated, or was replaced under the daemon
   75   stopped with rotated pairs in the recovery journal; the next start stores them
   78   the configuration is invalid
-  130  a second stop signal during shutdown")]
+  130  a second stop signal during shutdown
+
+Example:
+  tokend --config /etc/tokend/tokend.toml run")]
     Run,
     /// Validate the configuration file, secrets included, and exit (78 when invalid).
     #[command(
@@ -111,6 +114,13 @@ Examples:
         liveness: bool,
     },
     /// Show the event log and what was notified of each event, like journalctl.
+    #[command(after_help = "Exit codes:
+  0   shown
+  74  the database cannot be opened (it is never created)
+
+Examples:
+  tokend events --account user-17 --since 1d
+  tokend events --follow --json")]
     Events(events::EventsArgs),
     /// Run the engine against a built-in mock provider with short-lived tokens.
     #[cfg(feature = "demo")]

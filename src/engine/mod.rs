@@ -136,6 +136,15 @@ impl Engine {
         &self.shared
     }
 
+    /// For a one-off action without the loop (`tokend accounts refresh` while no daemon runs):
+    /// send the revocations still queued, which only the loop sends otherwise, and wait for
+    /// them and every other task. Without this a superseded refresh token stays usable.
+    pub async fn finish(self: &Arc<Self>) {
+        self.send_revocations(&self.shared.runtime());
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
     /// Wake the loop (a reload, a resumed profile, a new row linked through the API).
     pub fn poke(&self) {
         self.wake.notify_one();

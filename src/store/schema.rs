@@ -98,6 +98,15 @@ pub(super) fn open_writer(path: &Path, busy: Duration) -> Result<Connection, Sto
 }
 
 pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    // SQLite would say only "unable to open database file".
+    if let Err(e) = std::fs::metadata(path)
+        && e.kind() == std::io::ErrorKind::NotFound
+    {
+        return Err(StoreError::Open {
+            path: path.to_owned(),
+            message: "it does not exist (the daemon or `tokend accounts import` creates it)".into(),
+        });
+    }
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod logs;
 mod notify;
+mod operator;
 mod process;
 mod refresh;
 mod rotation;
