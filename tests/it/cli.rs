@@ -172,10 +172,28 @@ async fn no_token_or_secret_in_logs_listings_or_health() {
     .await;
     let list = env.tokend(&["accounts", "list"]);
     let list_json = env.tokend(&["accounts", "list", "--json"]);
+    // Tokens fetched through the API (the CLI asks the running daemon over its socket), one of
+    // them refreshed on demand: the audit lines and the API's own logs at trace level too.
+    let mut served = Vec::new();
+    for args in [
+        &["token", "u0", "--min-ttl", "0s", "--json"][..],
+        &["token", "u1", "--min-ttl", "4s", "--json"][..],
+        &["token", "c0", "--min-ttl", "0s", "--json"][..],
+    ] {
+        let out = env.tokend(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        served.push(body["access_token"].as_str().expect("token").to_owned());
+    }
     bin.signal("TERM");
     assert_eq!(bin.wait(Duration::from_secs(20)).await, Some(0));
 
     let mut secrets: Vec<String> = vec![SECRET.to_owned()];
+    secrets.extend(served);
     for (a, r, _) in issued {
         secrets.extend(a);
         secrets.extend(r);
@@ -190,6 +208,11 @@ async fn no_token_or_secret_in_logs_listings_or_health() {
     assert!(
         logs.contains("refresh"),
         "no refresh lines captured:\n{logs}"
+    );
+    assert_eq!(
+        logs.matches("token served").count(),
+        3,
+        "one audit line per fetch:\n{logs}"
     );
     let health = std::fs::read_to_string(&env.health).expect("health");
     let outputs = [
