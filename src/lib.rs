@@ -13,6 +13,8 @@
 //!   mean, pure; `pauses`: misconfigured profiles; the loop).
 //! - [`revocation`]: cron-scheduled revocation checks of company tokens.
 //! - [`api`]: the local API (Unix socket, optional TCP): tokens, accounts, health, metrics.
+//! - [`unlink`]: revoking a grant for good before its account is removed (through the engine's
+//!   refresh when its access token expired, as Doorkeeper needs).
 //! - [`notify`]: tells a person when a person must act: the event log read as an outbox, signed
 //!   webhooks and commands, storm rules (`policy`, pure), at least once and in order.
 //! - [`health`], [`metrics`], [`telemetry`]: the health file, Prometheus metrics, logs.
@@ -43,6 +45,7 @@ pub mod shared;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod unlink;
 
 /// A map for keys looked up on every refresh (profile names, account ids): foldhash, seeded
 /// per process, instead of SipHash (measured at a few thousand instructions per refresh).

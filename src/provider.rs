@@ -160,12 +160,47 @@ impl Provider {
                     ("client_secret", profile.client_secret.expose_secret()),
                 ]),
         };
+        self.probe_with(profile, profile.probe, request, access_token, now)
+            .await
+    }
+
+    /// Use `access_token` once: a Bearer `GET {base}/oauth/token/info` (the profile's
+    /// `probe_url` when it probes by URL). To Doorkeeper under `revoke_on_use` rotation a use
+    /// retires the pair this token's refresh replaced (introspection is not a use, so this never
+    /// introspects); under `immediate` rotation it changes nothing. Answers as a probe does.
+    pub async fn use_token(
+        &self,
+        profile: &Profile,
+        access_token: &SecretString,
+        now: i64,
+    ) -> ProbeOutcome {
+        let (kind, url) = match (profile.probe, &profile.probe_url) {
+            (ProbeKind::Url, Some(url)) => (ProbeKind::Url, url.clone()),
+            _ => (
+                ProbeKind::TokenInfo,
+                format!("{}/oauth/token/info", profile.base_url),
+            ),
+        };
+        let request = self.http.get(url).bearer_auth(access_token.expose_secret());
+        self.probe_with(profile, kind, request, access_token, now)
+            .await
+    }
+
+    /// Send a probe of `kind` and classify its answer.
+    async fn probe_with(
+        &self,
+        profile: &Profile,
+        kind: ProbeKind,
+        request: reqwest::RequestBuilder,
+        access_token: &SecretString,
+        now: i64,
+    ) -> ProbeOutcome {
         let secrets = [
             access_token.expose_secret(),
             profile.client_secret.expose_secret(),
         ];
         match self.exchange(request, unix(now)).await {
-            Ok(a) => match classify_probe(profile.probe, a.status, &a.body, a.retry_after) {
+            Ok(a) => match classify_probe(kind, a.status, &a.body, a.retry_after) {
                 // Only an error code from the server can reach these; it must not be a secret.
                 ProbeOutcome::Transient {
                     reason,
@@ -178,7 +213,7 @@ impl Provider {
             },
             Err(Failed::Redirect { status, target }) => ProbeOutcome::Misconfigured(format!(
                 "http {status}: {}",
-                refused(&target, probe_endpoint(profile.probe))
+                refused(&target, probe_endpoint(kind))
             )),
             Err(Failed::Transport {
                 reason,
@@ -1082,6 +1117,35 @@ mod tests {
                 || reason == "timed out connecting to tokend-test.invalid",
             "{reason}"
         );
+    }
+
+    /// A use is a Bearer GET whatever the profile probes with: introspection is not a use.
+    #[tokio::test]
+    async fn use_token_is_a_bearer_get_never_an_introspection() {
+        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        let p = provider(Duration::from_secs(5));
+        for (probe, path) in [
+            (ProbeKind::TokenInfo, "/oauth/token/info"),
+            (ProbeKind::Introspect, "/oauth/token/info"),
+            (ProbeKind::Url, "/api/me"),
+        ] {
+            let (base, mut requests) = serve(answer.into()).await;
+            let outcome = p
+                .use_token(&profile(&base, probe), &SecretString::from("a1"), NOW)
+                .await;
+            assert_eq!(outcome, ProbeOutcome::Active, "{probe:?}");
+            let request = requests.recv().await.unwrap();
+            assert!(
+                request.starts_with(&format!("GET {path} ")),
+                "{probe:?}: {request}"
+            );
+            assert!(
+                request
+                    .to_ascii_lowercase()
+                    .contains("\r\nauthorization: bearer a1\r\n"),
+                "{probe:?}: {request}"
+            );
+        }
     }
 
     #[tokio::test]

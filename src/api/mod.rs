@@ -377,26 +377,3 @@ impl From<crate::store::StoreError> for ApiError {
         }
     }
 }
-
-/// Revoke an account's grant at its provider: the refresh token (which takes the whole record),
-/// or a company's access token. The error says why it did not happen.
-pub async fn revoke_grant(shared: &Shared, a: &crate::store::Account) -> Result<(), String> {
-    let rt = shared.runtime();
-    let profile = rt
-        .config
-        .profile_for(a.profile.as_deref())
-        .ok_or("its profile is not in the configuration")?;
-    let token = match a.token_type {
-        crate::config::TokenType::User => {
-            a.refresh_token.clone().or_else(|| a.access_token.clone())
-        }
-        crate::config::TokenType::Company => a.access_token.clone(),
-    };
-    if let Some(t) = token {
-        rt.provider
-            .revoke(profile, &t)
-            .await
-            .map_err(|e| format!("the provider did not revoke the grant: {e}"))?;
-    }
-    Ok(())
-}

@@ -21,6 +21,7 @@ use crate::config::TokenType;
 use crate::engine::OnDemand;
 use crate::state::State as AccountState;
 use crate::store::{Account, Linked, NewAccount, Summary};
+use crate::unlink::{NotRevoked, Revoked};
 
 /// Default and largest `min_ttl` of a token fetch.
 const DEFAULT_MIN_TTL: u64 = 60;
@@ -578,7 +579,8 @@ async fn refresh(
     }
 }
 
-/// `DELETE /v1/accounts/{id}?revoke=true`: unlink, revoking the grant at the provider first.
+/// `DELETE /v1/accounts/{id}?revoke=true`: unlink, revoking the grant at the provider first
+/// (refreshing it first when its access token expired: see [`crate::unlink`]).
 async fn remove(
     State(api): State<Arc<Api>>,
     Extension(caller): Extension<Caller>,
@@ -598,26 +600,47 @@ async fn remove(
         }
     };
     let s = &api.shared;
-    let account = match s.store.get(&id).await? {
-        None => return Err(ApiError::NotFound(format!("no account {id:?}"))),
-        Some(a) => a,
-    };
+    let mut nothing = None;
     if revoke {
-        let a = account.map_err(|p| ApiError::Conflict {
-            state: "invalid".into(),
-            reason: Some(format!("cannot revoke an unreadable row: {}", p.reason)),
-        })?;
-        super::revoke_grant(&api.shared, &a)
-            .await
-            .map_err(ApiError::Upstream)?;
+        let wait = s.runtime().config.api.max_wait.get();
+        match crate::unlink::revoke_and_remove(&api.engine, &id, Some(wait)).await {
+            Ok(Revoked::Revoked) => {}
+            Ok(Revoked::Nothing(why)) => nothing = Some(why),
+            Err(e) => return Err(not_revoked(&id, e, s.clock.now())),
+        }
+    } else if s.store.remove(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no account {id:?}")));
     }
-    s.store.remove(&id).await?;
-    tracing::info!(who = %caller.who, account_id = %id, revoked = revoke, "account removed through the API");
+    let revoked = revoke && nothing.is_none();
+    tracing::info!(who = %caller.who, account_id = %id, revoked, "account removed through the API");
     s.state_changed();
-    Ok(json(
-        StatusCode::OK,
-        serde_json::json!({"removed": id, "revoked": revoke}),
-    ))
+    let mut body = serde_json::json!({"removed": id, "revoked": revoked});
+    if let Some(why) = nothing {
+        body["not_revoked"] = why.into();
+    }
+    Ok(json(StatusCode::OK, body))
+}
+
+/// The answer when a grant was not revoked (and nothing was removed).
+fn not_revoked(id: &str, e: NotRevoked, now: i64) -> ApiError {
+    let reason = e.to_string();
+    match e {
+        NotRevoked::Unknown => ApiError::NotFound(format!("no account {id:?}")),
+        NotRevoked::Unreadable(_) => ApiError::Conflict {
+            state: "invalid".into(),
+            reason: Some(reason),
+        },
+        NotRevoked::NotNow { at, .. } => ApiError::Unavailable {
+            retry_after: at.map_or(5, |t| (t - now).clamp(1, 3600) as u64),
+            reason,
+        },
+        NotRevoked::Refused { state, .. } => ApiError::Conflict {
+            state: state.to_string(),
+            reason: Some(reason),
+        },
+        NotRevoked::Failed { .. } => ApiError::Upstream(reason),
+        NotRevoked::Store(e) => e.into(),
+    }
 }
 
 /// `GET /v1/health`: the health snapshot (as the health file has it).

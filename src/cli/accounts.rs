@@ -19,6 +19,7 @@ use crate::engine::{Engine, OnDemand};
 use crate::shared::{Runtime, Shared};
 use crate::state::State;
 use crate::store::{Linked, Store};
+use crate::unlink::{NotRevoked, Revoked};
 
 pub(super) fn main(path: &Path, cmd: AccountsCommand) -> i32 {
     quiet_logs();
@@ -113,12 +114,8 @@ impl OrBody for serde_json::Value {
 fn print_account(v: &serde_json::Value) {
     if let Some(id) = v["removed"].as_str() {
         println!(
-            "removed {id}{}",
-            if v["revoked"] == true {
-                " (its grant revoked at the provider)"
-            } else {
-                ""
-            }
+            "{}",
+            removed(id, v["revoked"] == true, v["not_revoked"].as_str())
         );
         return;
     }
@@ -137,6 +134,15 @@ fn print_account(v: &serde_json::Value) {
         field("state"),
         field("last_refresh_at")
     );
+}
+
+/// What `accounts remove` prints: whether the grant was revoked, or why nothing was.
+fn removed(id: &str, revoked: bool, not_revoked: Option<&str>) -> String {
+    match (revoked, not_revoked) {
+        (true, _) => format!("removed {id} (its grant revoked at the provider)"),
+        (false, Some(why)) => format!("removed {id} (nothing revoked: {why})"),
+        (false, None) => format!("removed {id}"),
+    }
 }
 
 fn open_read_only(p: &Places) -> Result<Store, i32> {
@@ -500,41 +506,33 @@ async fn remove_locally(path: &Path, p: &Places, id: &str, revoke: bool) -> i32 
             Ok(x) => x,
             Err(code) => return code,
         };
-        let account = match store.get(id).await {
-            Ok(Some(Ok(a))) => a,
-            Ok(Some(Err(e))) => {
-                eprintln!(
-                    "tokend: {id}: cannot revoke an unreadable row: {}",
-                    e.reason
-                );
-                return 1;
-            }
-            Ok(None) => {
-                eprintln!("tokend: no account {id:?}");
-                return 1;
-            }
-            Err(e) => {
-                eprintln!("tokend: {e}");
-                return EXIT_IOERR;
-            }
-        };
-        if let Err(e) = crate::api::revoke_grant(engine.shared(), &account).await {
-            eprintln!("tokend: {id}: not removed: {e}");
-            store.close().await;
-            return 1;
-        }
-        let r = store.remove(id).await;
-        store.close().await;
-        return match r {
-            Ok(_) => {
-                println!("removed {id} (its grant revoked at the provider)");
+        let revoked = crate::unlink::revoke_and_remove(&engine, id, None).await;
+        // A refresh token that a refresh on the way replaced is revoked now, as the daemon would.
+        engine.finish().await;
+        let code = match revoked {
+            Ok(r) => {
+                let nothing = match &r {
+                    Revoked::Revoked => None,
+                    Revoked::Nothing(why) => Some(why.as_str()),
+                };
+                println!("{}", removed(id, nothing.is_none(), nothing));
                 0
             }
-            Err(e) => {
-                eprintln!("tokend: {e}");
+            Err(NotRevoked::Unknown) => {
+                eprintln!("tokend: no account {id:?}");
+                1
+            }
+            Err(e @ NotRevoked::Store(_)) => {
+                eprintln!("tokend: {id}: {e}");
                 EXIT_IOERR
             }
+            Err(e) => {
+                eprintln!("tokend: {id}: {e}");
+                1
+            }
         };
+        store.close().await;
+        return code;
     }
     let store = match open_for_writing(p) {
         Ok(s) => s,

@@ -197,12 +197,17 @@ Examples:
     },
     /// Unlink an account (delete its row), optionally revoking its grant at the provider first.
     #[command(
-        after_help = "With --revoke the grant is revoked at the provider first; if that \
-fails, nothing is removed.\n\nExit codes:\n  0   removed\n  1   no such account, or the revocation failed\n\nExample:\n  tokend accounts remove user-17 --revoke"
+        after_help = "With --revoke the grant is revoked at the provider first, for good: an \
+access token that expired (Doorkeeper then ignores a revocation) is refreshed first, through the \
+daemon's rules, and used once. If a step fails or is refused, nothing is removed and the message \
+names the step. A grant the provider already rejects (needs_reauth) is removed, saying nothing \
+was revoked.\n\nExit codes:\n  0   removed\n  1   no such account, or the revocation failed or \
+was refused\n\nExample:\n  tokend accounts remove user-17 --revoke"
     )]
     Remove {
         account: String,
-        /// Revoke the grant at the provider before removing it.
+        /// Revoke the grant at the provider before removing it (refreshing it first if its
+        /// access token expired).
         #[arg(long)]
         revoke: bool,
     },

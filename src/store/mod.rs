@@ -322,6 +322,16 @@ pub struct Summary {
     pub state_since: Option<i64>,
 }
 
+/// What [`Store::remove_holding`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlinked {
+    Removed,
+    /// The account holds other tokens now: kept.
+    Changed,
+    /// No such account.
+    Missing,
+}
+
 /// One account to link (import, API).
 #[derive(Debug, Clone)]
 pub struct NewAccount {
@@ -906,6 +916,21 @@ impl Store {
         self.write(move |c| sql::remove(c, &id)).await
     }
 
+    /// Delete an account only if it still holds these tokens (those of a grant just revoked):
+    /// tokens stored since (a refresh, a relink) are a grant still alive, so the row stays.
+    pub async fn remove_holding(
+        &self,
+        id: &str,
+        access_token: Option<SecretString>,
+        refresh_token: Option<SecretString>,
+    ) -> Result<Unlinked, StoreError> {
+        let id = id.to_owned();
+        self.write(move |c| {
+            sql::remove_holding(c, &id, access_token.as_ref(), refresh_token.as_ref())
+        })
+        .await
+    }
+
     /// Bring an account in `failing`, `paused`, `needs_reauth` or `revoked` back for evaluation now.
     pub async fn resume(&self, id: &str, now: i64) -> Result<Option<State>, StoreError> {
         let id = id.to_owned();
@@ -1155,5 +1180,31 @@ mod tests {
             .await
             .expect("pragma");
         assert_eq!(after, FULL, "a commit group after a claim");
+    }
+    /// A row that got other tokens since they were read (a refresh landed, a relink) stays.
+    #[tokio::test]
+    async fn remove_holding_deletes_only_the_tokens_it_was_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(&dir.path().join("t.db")).expect("open");
+        let secret = |s: &str| Some(SecretString::from(s));
+        let account = |refresh: &str| NewAccount {
+            id: "u".into(),
+            profile: Some("p".into()),
+            token_type: TokenType::User,
+            access_token: secret("a1"),
+            refresh_token: secret(refresh),
+            expires_at: Some(2_000_000_000),
+            scopes: None,
+        };
+        store
+            .link(vec![account("r1")], false, 0)
+            .await
+            .expect("link");
+        assert!(store.relink(account("r2"), 1).await.expect("relink"));
+        let holding = |refresh: &str| store.remove_holding("u", secret("a1"), secret(refresh));
+        assert_eq!(holding("r1").await.expect("remove"), Unlinked::Changed);
+        assert!(store.get("u").await.expect("get").is_some());
+        assert_eq!(holding("r2").await.expect("remove"), Unlinked::Removed);
+        assert_eq!(holding("r2").await.expect("remove"), Unlinked::Missing);
     }
 }

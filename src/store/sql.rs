@@ -7,7 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::{
     Account, Change, ClaimGroup, Claimed, Committed, Conn, Count, DecideFn, Decision, Evaluated,
     Event, EventKind, Guard, Lease, Linked, NewAccount, Outcome, PausedProfile, Reply, RowProblem,
-    StoreError, Summary, Swept, timed,
+    StoreError, Summary, Swept, Unlinked, timed,
 };
 use crate::config::TokenType;
 use crate::state::State;
@@ -1073,6 +1073,33 @@ pub(super) fn remove(c: &mut Connection, id: &str) -> Result<Option<Account>, St
     tx.execute("DELETE FROM accounts WHERE rowid = ?1", [rowid])?;
     tx.commit()?;
     Ok(row.ok())
+}
+
+pub(super) fn remove_holding(
+    c: &mut Connection,
+    id: &str,
+    access: Option<&SecretString>,
+    refresh: Option<&SecretString>,
+) -> Result<Unlinked, StoreError> {
+    let tx = immediate(c)?;
+    let found = select_accounts(
+        &tx,
+        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"),
+        [id],
+    )?;
+    let Some((rowid, row)) = found.into_iter().next() else {
+        return Ok(Unlinked::Missing);
+    };
+    let same = |held: &Option<SecretString>, expected: Option<&SecretString>| {
+        held.as_ref().map(|t| t.expose_secret()) == expected.map(|t| t.expose_secret())
+    };
+    match row {
+        Ok(a) if same(&a.access_token, access) && same(&a.refresh_token, refresh) => {}
+        _ => return Ok(Unlinked::Changed),
+    }
+    tx.execute("DELETE FROM accounts WHERE rowid = ?1", [rowid])?;
+    tx.commit()?;
+    Ok(Unlinked::Removed)
 }
 
 pub(super) fn resume(c: &mut Connection, id: &str, now: i64) -> Result<Option<State>, StoreError> {

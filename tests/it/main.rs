@@ -14,5 +14,6 @@ mod notify;
 mod operator;
 mod process;
 mod refresh;
+mod revoke;
 mod rotation;
 mod states;

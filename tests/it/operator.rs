@@ -14,7 +14,7 @@ use tokend_mock::{Endpoint, Fault, MockConfig};
 use crate::helpers::{Env, checking, eventually};
 
 /// Standard output, then standard error.
-fn said(out: &Output) -> (String, String) {
+pub(crate) fn said(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -34,7 +34,7 @@ fn tokend_with(config: &Path, args: &[&str]) -> Output {
 }
 
 /// One integer column of one account (`None` for NULL).
-fn column(env: &Env, id: &str, col: &str) -> Option<i64> {
+pub(crate) fn column(env: &Env, id: &str, col: &str) -> Option<i64> {
     env.conn()
         .query_row(
             &format!("SELECT {col} FROM accounts WHERE id = ?1"),
@@ -44,7 +44,7 @@ fn column(env: &Env, id: &str, col: &str) -> Option<i64> {
         .expect("column")
 }
 
-fn exists(env: &Env, id: &str) -> bool {
+pub(crate) fn exists(env: &Env, id: &str) -> bool {
     env.conn()
         .query_row("SELECT COUNT(*) FROM accounts WHERE id = ?1", [id], |r| {
             r.get::<_, i64>(0)
@@ -63,7 +63,7 @@ fn tokens_of(env: &Env, id: &str, earlier: &[Option<String>]) -> Vec<String> {
         .collect()
 }
 
-fn assert_no_token(what: &str, text: &str, tokens: &[String]) {
+pub(crate) fn assert_no_token(what: &str, text: &str, tokens: &[String]) {
     for t in tokens {
         assert!(
             !text.contains(t.as_str()),
@@ -74,7 +74,7 @@ fn assert_no_token(what: &str, text: &str, tokens: &[String]) {
 }
 
 /// Make the account look as tokend leaves a dead grant: `needs_reauth`, nothing scheduled.
-fn mark_needs_reauth(env: &Env, id: &str) {
+pub(crate) fn mark_needs_reauth(env: &Env, id: &str) {
     env.conn()
         .execute(
             "UPDATE accounts SET state = 'needs_reauth', state_reason = 'the provider rejected the grant',
