@@ -165,6 +165,17 @@ fn setup(mock_url: &str, daemon: &str) -> Setup {
     Setup { dir, config, db }
 }
 
+/// `n` user accounts whose one-hour tokens, issued by `mock`, expired ten minutes ago.
+fn fill_expired(mock: &MockProvider, db: &Path, n: usize) {
+    let rows = (0..n).map(|i| {
+        let id = format!("u{i:07}");
+        let t = mock.issue_user(&id, Duration::from_secs(3600 + 600));
+        let exp = t.expires_at.expect("expiry");
+        (id, t.access_token, t.refresh_token, exp, exp - 600)
+    });
+    fill(db, rows);
+}
+
 /// Rows as a previous tokend run would have left them: (id, access, refresh, expires_at, next_action_at).
 fn fill(
     db: &Path,
@@ -531,15 +542,7 @@ async fn catchup(a: &Args, smoke: bool) -> Report {
             a.log_level
         ),
     );
-    let rows: Vec<_> = (0..n)
-        .map(|i| {
-            let id = format!("u{i:07}");
-            let t = mock.issue_user(&id, Duration::from_secs(3600 + 600));
-            let exp = t.expires_at.expect("expiry");
-            (id, t.access_token, t.refresh_token, exp, exp - 600)
-        })
-        .collect();
-    fill(&s.db, rows.into_iter());
+    fill_expired(&mock, &s.db, n);
     let mut d = Daemon::spawn(&s);
     d.wait_ready(Duration::from_secs(60));
     let t0 = Instant::now();
@@ -1276,15 +1279,7 @@ async fn callgrind(a: &Args, smoke: bool) -> Report {
                 a.log_level
             ),
         );
-        let rows: Vec<_> = (0..n)
-            .map(|i| {
-                let id = format!("u{i:07}");
-                let t = mock.issue_user(&id, Duration::from_secs(3600 + 600));
-                let exp = t.expires_at.expect("expiry");
-                (id, t.access_token, t.refresh_token, exp, exp - 600)
-            })
-            .collect();
-        fill(&s.db, rows.into_iter());
+        fill_expired(&mock, &s.db, n);
         let out = s.dir.path().join("callgrind.out");
         let wrapper: Vec<String> = vec![
             "valgrind".into(),

@@ -84,6 +84,22 @@ pub struct Provider {
     max_body: usize,
 }
 
+/// RFC 7009's `token_type_hint`: what kind of token a revocation carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenHint {
+    RefreshToken,
+    AccessToken,
+}
+
+impl TokenHint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenHint::RefreshToken => "refresh_token",
+            TokenHint::AccessToken => "access_token",
+        }
+    }
+}
+
 impl Provider {
     pub fn new(daemon: &DaemonConfig) -> anyhow::Result<Provider> {
         install_crypto_provider();
@@ -225,14 +241,20 @@ impl Provider {
         }
     }
 
-    /// Revoke `token`, a refresh token (RFC 7009). Doorkeeper answers `200 {}` even for a token
-    /// it does not know, so `Ok` says only that the server took the request, never that the
-    /// token existed. `Err` is a short description that never contains the token or the secret.
-    pub async fn revoke(&self, profile: &Profile, token: &SecretString) -> Result<(), String> {
+    /// Revoke `token`, of the kind `hint` names (RFC 7009). Doorkeeper answers `200 {}` even for
+    /// a token it does not know, so `Ok` says only that the server took the request, never that
+    /// the token existed. `Err` is a short description that never contains the token or the
+    /// secret.
+    pub async fn revoke(
+        &self,
+        profile: &Profile,
+        token: &SecretString,
+        hint: TokenHint,
+    ) -> Result<(), String> {
         let url = format!("{}/oauth/revoke", profile.base_url);
         let form = [
             ("token", token.expose_secret()),
-            ("token_type_hint", "refresh_token"),
+            ("token_type_hint", hint.as_str()),
             ("client_id", profile.client_id.as_str()),
             ("client_secret", profile.client_secret.expose_secret()),
         ];
@@ -1150,27 +1172,33 @@ mod tests {
 
     #[tokio::test]
     async fn revoke_sends_rfc7009_form_and_takes_200_as_done() {
-        let (base, mut requests) =
-            serve("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
-        let p = provider(Duration::from_secs(5));
-        let profile = profile(&base, ProbeKind::TokenInfo);
-        p.revoke(&profile, &SecretString::from("r/1+"))
-            .await
-            .unwrap();
-        let request = requests.recv().await.unwrap();
-        assert!(request.starts_with("POST /oauth/revoke "), "{request}");
-        let body = request.split("\r\n\r\n").nth(1).unwrap();
-        let form: Vec<(String, String)> = serde_urlencoded::from_str(body).unwrap();
-        let expected = [
-            ("token", "r/1+"),
-            ("token_type_hint", "refresh_token"),
-            ("client_id", "cid"),
-            ("client_secret", SECRET),
-        ];
-        assert_eq!(
-            form,
-            expected.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
-        );
+        // A refresh token (a user's grant), then an access token (a company's), each named so.
+        for (hint, name) in [
+            (TokenHint::RefreshToken, "refresh_token"),
+            (TokenHint::AccessToken, "access_token"),
+        ] {
+            let (base, mut requests) =
+                serve("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+            let p = provider(Duration::from_secs(5));
+            let profile = profile(&base, ProbeKind::TokenInfo);
+            p.revoke(&profile, &SecretString::from("r/1+"), hint)
+                .await
+                .unwrap();
+            let request = requests.recv().await.unwrap();
+            assert!(request.starts_with("POST /oauth/revoke "), "{request}");
+            let body = request.split("\r\n\r\n").nth(1).unwrap();
+            let form: Vec<(String, String)> = serde_urlencoded::from_str(body).unwrap();
+            let expected = [
+                ("token", "r/1+"),
+                ("token_type_hint", name),
+                ("client_id", "cid"),
+                ("client_secret", SECRET),
+            ];
+            assert_eq!(
+                form,
+                expected.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+            );
+        }
     }
 
     #[tokio::test]
@@ -1181,9 +1209,13 @@ mod tests {
             let (p, token) = (p.clone(), token.clone());
             async move {
                 let (base, _requests) = serve(answer).await;
-                p.revoke(&profile(&base, ProbeKind::TokenInfo), &token)
-                    .await
-                    .unwrap_err()
+                p.revoke(
+                    &profile(&base, ProbeKind::TokenInfo),
+                    &token,
+                    TokenHint::RefreshToken,
+                )
+                .await
+                .unwrap_err()
             }
         };
         let json = |status: &str, body: &str| {
@@ -1232,6 +1264,7 @@ mod tests {
             .revoke(
                 &profile(&format!("http://{addr}"), ProbeKind::TokenInfo),
                 &token,
+                TokenHint::RefreshToken,
             )
             .await
             .unwrap_err();

@@ -26,7 +26,7 @@ use secrecy::SecretString;
 use crate::clock::rfc3339;
 use crate::config::{Profile, TokenType};
 use crate::engine::{Engine, OnDemand};
-use crate::provider::{ProbeOutcome, Provider};
+use crate::provider::{ProbeOutcome, Provider, TokenHint};
 use crate::state::State;
 use crate::store::{Account, StoreError, Unlinked};
 
@@ -165,7 +165,7 @@ async fn revoke_grant(
         let Some(access) = a.access_token.clone() else {
             return Ok((Revoked::Nothing("it holds no token".into()), a));
         };
-        revoke(&rt.provider, &profile, &access).await?;
+        revoke(&rt.provider, &profile, &access, TokenHint::AccessToken).await?;
         return Ok((Revoked::Revoked, a));
     };
     let mut refreshed = false;
@@ -214,7 +214,13 @@ async fn revoke_grant(
         }
     }
     if let Some(refresh_token) = &a.refresh_token {
-        revoke(&rt.provider, &profile, refresh_token).await?;
+        revoke(
+            &rt.provider,
+            &profile,
+            refresh_token,
+            TokenHint::RefreshToken,
+        )
+        .await?;
     }
     tracing::info!(account_id = %id, profile = %profile.name, refreshed, "grant revoked at the provider");
     Ok((Revoked::Revoked, a))
@@ -342,9 +348,10 @@ async fn revoke(
     provider: &Provider,
     profile: &Profile,
     token: &SecretString,
+    hint: TokenHint,
 ) -> Result<(), NotRevoked> {
     provider
-        .revoke(profile, token)
+        .revoke(profile, token, hint)
         .await
         .map_err(|why| NotRevoked::Failed {
             step: REVOKE.into(),

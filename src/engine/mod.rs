@@ -815,7 +815,9 @@ impl Engine {
             let me = self.clone();
             self.tracker.spawn(async move {
                 let started = Instant::now();
-                let result = provider.revoke(&profile, &r.token).await;
+                let result = provider
+                    .revoke(&profile, &r.token, crate::provider::TokenHint::RefreshToken)
+                    .await;
                 let signal = if result.is_ok() { Signal::Answered } else { Signal::Nothing };
                 me.shared
                     .limits

@@ -35,6 +35,34 @@ fn all_tokens(env: &Env, id: &str, seen: &[Option<String>]) -> Vec<String> {
         .collect()
 }
 
+/// `remove u --revoke` said it revoked the grant, the row is gone, the refresh made first was
+/// the only one, no refresh token of `u` works at the provider, and no token was printed.
+fn assert_removed_after_one_refresh(
+    env: &Env,
+    rotation: Rotation,
+    out: &std::process::Output,
+    seen: &[Option<String>],
+) {
+    let (stdout, stderr) = said(out);
+    assert_eq!(out.status.code(), Some(0), "{rotation:?}: {stdout}{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "removed u (its grant revoked at the provider)"
+    );
+    assert!(!exists(env, "u"));
+    assert_eq!(
+        env.mock.usable_refresh_tokens("u"),
+        0,
+        "{rotation:?}: a refresh token of the removed account still works at the provider"
+    );
+    assert_eq!(env.mock.account("u").grants, 1, "{rotation:?}: one refresh");
+    assert_no_token(
+        "remove --revoke",
+        &(stdout + &stderr),
+        &all_tokens(env, "u", seen),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_daemon_an_expired_grant_is_refreshed_used_and_revoked() {
     for rotation in ROTATIONS {
@@ -44,24 +72,7 @@ async fn without_the_daemon_an_expired_grant_is_refreshed_used_and_revoked() {
         assert_eq!(env.mock.usable_refresh_tokens("u"), 1);
 
         let out = env.tokend(&["accounts", "remove", "u", "--revoke"]);
-        let (stdout, stderr) = said(&out);
-        assert_eq!(out.status.code(), Some(0), "{rotation:?}: {stdout}{stderr}");
-        assert_eq!(
-            stdout.trim(),
-            "removed u (its grant revoked at the provider)"
-        );
-        assert!(!exists(&env, "u"));
-        assert_eq!(
-            env.mock.usable_refresh_tokens("u"),
-            0,
-            "{rotation:?}: a refresh token of the removed account still works at the provider"
-        );
-        assert_eq!(env.mock.account("u").grants, 1, "{rotation:?}: one refresh");
-        assert_no_token(
-            "remove --revoke",
-            &(stdout + &stderr),
-            &all_tokens(&env, "u", &[a, r]),
-        );
+        assert_removed_after_one_refresh(&env, rotation, &out, &[a, r]);
     }
 }
 
@@ -97,24 +108,7 @@ async fn through_the_daemon_an_expired_grant_is_refreshed_used_and_revoked() {
         let out = env
             .tokend_async(&["accounts", "remove", "u", "--revoke"])
             .await;
-        let (stdout, stderr) = said(&out);
-        assert_eq!(out.status.code(), Some(0), "{rotation:?}: {stdout}{stderr}");
-        assert_eq!(
-            stdout.trim(),
-            "removed u (its grant revoked at the provider)"
-        );
-        assert!(!exists(&env, "u"));
-        assert_eq!(
-            env.mock.usable_refresh_tokens("u"),
-            0,
-            "{rotation:?}: a refresh token of the removed account still works at the provider"
-        );
-        assert_eq!(env.mock.account("u").grants, 1, "{rotation:?}: one refresh");
-        assert_no_token(
-            "remove --revoke",
-            &(stdout + &stderr),
-            &all_tokens(&env, "u", &[a, r]),
-        );
+        assert_removed_after_one_refresh(&env, rotation, &out, &[a, r]);
         daemon.stop().await;
     }
 }
