@@ -151,14 +151,15 @@ socket = "{socket}"
     let t = mock.totals();
     let expired = mock.expired_now().len() as u64;
     let lapses = t.lapses + expired;
+    use crate::cli::plural;
     println!(
-        "demo: {} refreshes in {:.0}s ({:.2}/s), {} lapses, {} reuse attempts, {} probes",
-        t.grants,
+        "demo: {} in {:.0}s ({:.2}/s), {}, {}, {}",
+        plural(t.grants, "refresh", "refreshes"),
         elapsed,
         t.grants as f64 / elapsed.max(1.0),
-        lapses,
-        t.reuse_attempts,
-        t.probes
+        plural(lapses, "lapse", "lapses"),
+        plural(t.reuse_attempts, "reuse attempt", "reuse attempts"),
+        plural(t.probes, "probe", "probes"),
     );
     Ok(if lapses == 0 && t.reuse_attempts == 0 {
         0

@@ -130,7 +130,7 @@ refuses --config (and TOKEND_CONFIG).\n\nExit codes:\n  0  no token lapsed and n
     )]
     Demo {
         /// How long to run, e.g. 20s or 2m (default: until Ctrl-C).
-        #[arg(long, value_parser = parse_dur)]
+        #[arg(long, value_parser = parse_run_time)]
         duration: Option<Duration>,
         /// How many user accounts to create.
         #[arg(long, default_value_t = 30)]
@@ -226,6 +226,19 @@ the last refresh, at the hourly ceiling, or while the profile is paused.\n\nExit
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (e.g. 20s, 2m)"))
+}
+
+/// A demo runs for a while or not at all.
+fn parse_run_time(s: &str) -> Result<Duration, String> {
+    match parse_dur(s)? {
+        d if d.is_zero() => Err("a demo of 0s would show nothing (e.g. 20s, 2m)".into()),
+        d => Ok(d),
+    }
+}
+
+/// "1 account", "2 accounts".
+pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 impl Cli {

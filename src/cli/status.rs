@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::plural;
 use crate::clock::{Clock, rfc3339};
 use crate::health;
 
@@ -65,10 +66,6 @@ pub(super) fn main(path: &Path, json: bool, health_file: Option<PathBuf>, livene
         "failing" => 2,
         _ => 1,
     }
-}
-
-fn plural(n: u64, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// The human summary `tokend status` prints.
