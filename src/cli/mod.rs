@@ -28,7 +28,10 @@ use crate::state::State;
     long_about = "tokend keeps Factorial HR OAuth grants alive: it refreshes user tokens before \
 they expire, checks company tokens for revocation, and serves valid tokens to integrations over \
 a local API.",
-    after_help = "Examples:\n  tokend --config /etc/tokend/tokend.toml check-config\n  tokend token user-17 --min-ttl 5m\n  tokend status"
+    after_help = "Every command exits 2 when its arguments are wrong (an unknown option, a value \
+that does not parse); each command's --help lists its other exit codes.\n\nExamples:\n  \
+tokend --config /etc/tokend/tokend.toml check-config\n  tokend token user-17 --min-ttl 5m\n  \
+tokend status"
 )]
 pub struct Cli {
     /// Configuration file [default: /etc/tokend/tokend.toml].

@@ -471,6 +471,17 @@ fn commands(prefix: &[String]) -> Vec<Vec<String>> {
 
 #[test]
 fn every_command_documents_its_exit_codes_and_an_example() {
+    // The exit code every command shares (clap's, for arguments it cannot take) is said once,
+    // at the top.
+    let top = Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .arg("--help")
+        .output()
+        .expect("help");
+    assert!(
+        String::from_utf8_lossy(&top.stdout).contains("exits 2 when its arguments are wrong"),
+        "{}",
+        String::from_utf8_lossy(&top.stdout)
+    );
     let leaves = commands(&[]);
     let names: Vec<String> = leaves.iter().map(|c| c.join(" ")).collect();
     for expected in [
