@@ -165,6 +165,22 @@ fn setup(mock_url: &str, daemon: &str) -> Setup {
     Setup { dir, config, db }
 }
 
+/// `n` user accounts with ages spread so their due times (`lead` plus up to `jitter` before
+/// expiry) are uniform over the first `lifetime`, and nothing is due at start.
+fn fill_spread(mock: &MockProvider, db: &Path, n: usize, lifetime: i64, lead: i64, jitter: i64) {
+    let now = now_s();
+    let span = (lifetime - lead - jitter - 1).max(1) as u64;
+    let rows = (0..n).map(|i| {
+        let id = format!("u{i:07}");
+        let age = Duration::from_millis(fastrand::u64(0..span * 1000));
+        let t = mock.issue_user(&id, age);
+        let exp = t.expires_at.expect("expiry");
+        let next = (exp - lead - fastrand::i64(0..=jitter)).max(now);
+        (id, t.access_token, t.refresh_token, exp, next)
+    });
+    fill(db, rows);
+}
+
 /// `n` user accounts whose one-hour tokens, issued by `mock`, expired ten minutes ago.
 fn fill_expired(mock: &MockProvider, db: &Path, n: usize) {
     let rows = (0..n).map(|i| {
@@ -430,20 +446,7 @@ async fn capacity(a: &Args, smoke: bool) -> Report {
             a.log_level
         ),
     );
-    // Ages spread so due times are uniform over the first cycle and nothing is due at start.
-    let now = now_s();
-    let span = (lifetime - lead - jitter - 1).max(1) as u64;
-    let rows: Vec<_> = (0..n)
-        .map(|i| {
-            let id = format!("u{i:07}");
-            let age = Duration::from_millis(fastrand::u64(0..span * 1000));
-            let t = mock.issue_user(&id, age);
-            let exp = t.expires_at.expect("expiry");
-            let next = (exp - lead - fastrand::i64(0..=jitter)).max(now);
-            (id, t.access_token, t.refresh_token, exp, next)
-        })
-        .collect();
-    fill(&s.db, rows.into_iter());
+    fill_spread(&mock, &s.db, n, lifetime, lead, jitter);
     let mut d = Daemon::spawn(&s);
     d.wait_ready(Duration::from_secs(60));
     let cpu0 = d.cpu_s();
@@ -951,20 +954,7 @@ async fn api(a: &Args, smoke: bool) -> Report {
         ),
     );
     let socket = s.dir.path().join("api.sock");
-    // Ages spread so due times are uniform over the first cycle, as in `capacity`.
-    let now = now_s();
-    let span = (lifetime - lead - jitter - 1).max(1) as u64;
-    let rows: Vec<_> = (0..n)
-        .map(|i| {
-            let id = format!("u{i:07}");
-            let age = Duration::from_millis(fastrand::u64(0..span * 1000));
-            let t = mock.issue_user(&id, age);
-            let exp = t.expires_at.expect("expiry");
-            let next = (exp - lead - fastrand::i64(0..=jitter)).max(now);
-            (id, t.access_token, t.refresh_token, exp, next)
-        })
-        .collect();
-    fill(&s.db, rows.into_iter());
+    fill_spread(&mock, &s.db, n, lifetime, lead, jitter);
 
     // The clients, and the hello-world server, each on two threads of their own, as they would
     // be other processes: on the harness's runtime they would queue the mock's answers to

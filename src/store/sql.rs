@@ -1060,14 +1060,19 @@ pub(super) fn relink(c: &mut Connection, a: &NewAccount, now: i64) -> Result<boo
     Ok(n == 1)
 }
 
-pub(super) fn remove(c: &mut Connection, id: &str) -> Result<Option<Account>, StoreError> {
-    let tx = immediate(c)?;
+/// The row of `id` with its rowid, read as a whole (an unreadable row is `Err`).
+fn row_of(tx: &Connection, id: &str) -> Result<Option<ReadRow>, StoreError> {
     let found = select_accounts(
-        &tx,
+        tx,
         &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"),
         [id],
     )?;
-    let Some((rowid, row)) = found.into_iter().next() else {
+    Ok(found.into_iter().next())
+}
+
+pub(super) fn remove(c: &mut Connection, id: &str) -> Result<Option<Account>, StoreError> {
+    let tx = immediate(c)?;
+    let Some((rowid, row)) = row_of(&tx, id)? else {
         return Ok(None);
     };
     tx.execute("DELETE FROM accounts WHERE rowid = ?1", [rowid])?;
@@ -1082,12 +1087,7 @@ pub(super) fn remove_holding(
     refresh: Option<&SecretString>,
 ) -> Result<Unlinked, StoreError> {
     let tx = immediate(c)?;
-    let found = select_accounts(
-        &tx,
-        &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?1"),
-        [id],
-    )?;
-    let Some((rowid, row)) = found.into_iter().next() else {
+    let Some((rowid, row)) = row_of(&tx, id)? else {
         return Ok(Unlinked::Missing);
     };
     let same = |held: &Option<SecretString>, expected: Option<&SecretString>| {

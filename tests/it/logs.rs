@@ -23,7 +23,7 @@ async fn env_with(daemon_extra: &str) -> Env {
     env
 }
 
-async fn until_refreshed_and_reported(env: &Env) {
+pub(crate) async fn until_refreshed_and_reported(env: &Env) {
     eventually(Duration::from_secs(10), "refreshed", || {
         env.mock.account("u").grants == 1
     })

@@ -309,14 +309,7 @@ async fn journald_lines_carry_priorities_without_timestamps_or_colour() {
                 .expect("open"),
         );
     let mut child = cmd.spawn().expect("spawn");
-    eventually(Duration::from_secs(10), "refreshed", || {
-        env.mock.account("u").grants == 1
-    })
-    .await;
-    eventually(Duration::from_secs(5), "invalid row reported", || {
-        env.state("bad") == "invalid"
-    })
-    .await;
+    crate::logs::until_refreshed_and_reported(&env).await;
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
