@@ -524,3 +524,126 @@ async fn a_probe_result_meeting_a_locked_store_at_a_stop_is_still_committed() {
         .expect("row");
     assert!(checked.is_some(), "the probe's answer was dropped");
 }
+
+/// Claims run a limit ahead of the requests: at a stop, what was claimed and not yet sent is
+/// given back (lease, attempt and its place under the hourly ceiling), so the next start sees no
+/// request in flight for it and the ceiling counts only requests that went out.
+#[tokio::test(start_paused = true)]
+async fn claimed_accounts_not_yet_sent_are_given_back_at_a_stop() {
+    // One request at a time, 200 ms each, and at most 4 in flight: 8 due accounts are all
+    // claimed at once (4 sent, 4 waiting) long before the first answer.
+    let env = Env::new(
+        MockConfig {
+            serial: Some(Duration::from_millis(200)),
+            ..MockConfig::default()
+        },
+        "max_concurrent_refreshes = 4",
+    )
+    .await;
+    let ids: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        env.add_user(id, Duration::from_secs(3599));
+    }
+    let claimed = |env: &Env| -> i64 {
+        env.conn()
+            .query_row(
+                "SELECT COUNT(*) FROM accounts WHERE attempt_id IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count")
+    };
+    let daemon = env.start();
+    eventually(Duration::from_secs(5), "all eight claimed", || {
+        claimed(&env) == 8
+    })
+    .await;
+    daemon.stop().await;
+    let rows: Vec<(String, Option<String>, Option<i64>, i64)> = {
+        let conn = env.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, lease_owner, attempt_id, window_requests FROM accounts ORDER BY id",
+            )
+            .expect("prepare");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    let mut given_back = 0;
+    for (id, owner, attempt, window) in rows {
+        let sent = env.mock.account(&id).grants;
+        assert_eq!(
+            attempt, None,
+            "{id}: an attempt is left recorded after a clean stop"
+        );
+        assert_eq!(owner, None, "{id}: a lease is left after a clean stop");
+        assert_eq!(
+            window, sent as i64,
+            "{id}: the hourly window counts {window} requests, {sent} went out"
+        );
+        if sent == 0 {
+            given_back += 1;
+        }
+    }
+    assert!(
+        given_back >= 1,
+        "every claimed account was sent before the stop: nothing was given back"
+    );
+    eprintln!("{given_back} claimed accounts given back at the stop");
+}
+
+/// The same when the profile pauses (its client secret refused) while claimed accounts wait:
+/// they are given back, not sent, and not counted under the hourly ceiling.
+#[tokio::test(start_paused = true)]
+async fn claimed_accounts_not_yet_sent_are_given_back_when_the_profile_pauses() {
+    let env = Env::new(
+        MockConfig {
+            serial: Some(Duration::from_millis(200)),
+            ..MockConfig::default()
+        },
+        "max_concurrent_refreshes = 4",
+    )
+    .await;
+    let ids: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    for id in &ids {
+        env.add_user(id, Duration::from_secs(3599));
+    }
+    std::fs::write(env.secret_file(), "wrong-secret").expect("secret");
+    let daemon = env.start();
+    eventually(Duration::from_secs(10), "all paused", || {
+        env.count_state("paused") == 8
+    })
+    .await;
+    let sent = |id: &str| {
+        env.mock
+            .requests()
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::Token && r.account.as_deref() == Some(id))
+            .count() as i64
+    };
+    let mut given_back = 0;
+    for id in &ids {
+        let (owner, attempt, window): (Option<String>, Option<i64>, i64) = env
+            .conn()
+            .query_row(
+                "SELECT lease_owner, attempt_id, window_requests FROM accounts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .expect("row");
+        let sent = sent(id);
+        assert_eq!((owner, attempt), (None, None), "{id}: still claimed");
+        assert_eq!(window, sent, "{id}: {window} counted, {sent} sent");
+        if sent == 0 {
+            given_back += 1;
+        }
+    }
+    daemon.stop().await;
+    assert!(
+        given_back >= 1,
+        "nothing was waiting when the profile paused"
+    );
+    eprintln!("{given_back} claimed accounts given back at the pause");
+}

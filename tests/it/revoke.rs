@@ -237,3 +237,50 @@ async fn a_refused_refresh_or_a_failed_step_removes_nothing_and_says_which() {
     assert_eq!(env.mock.usable_refresh_tokens("u"), 0);
     assert_eq!(env.mock.account("u").grants, 1, "refreshed again");
 }
+
+/// Another program relinks the account while its grant is being revoked: the row no longer holds
+/// the revoked pair, so it is not deleted yet; the new grant is revoked in turn, then the row
+/// goes. No grant of the account is left usable at the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relink_during_the_revocation_is_revoked_in_turn() {
+    let env = Env::new(MockConfig::default(), "").await;
+    // A live pair: no refresh first; the use, then the revocation (held 1 s at the provider,
+    // within the 2 s request timeout).
+    env.add_user("u", Duration::ZERO);
+    env.mock
+        .push_faults(Endpoint::Revoke, [Fault::Delay(Duration::from_secs(1))]);
+    let remove = env.tokend_async(&["accounts", "remove", "u", "--revoke"]);
+    let relink = async {
+        eventually(Duration::from_secs(10), "the access token used", || {
+            env.mock
+                .requests()
+                .iter()
+                .any(|r| r.endpoint == Endpoint::TokenInfo && r.account.as_deref() == Some("u"))
+        })
+        .await;
+        // While the revocation is held: a new grant, written as another program would.
+        let t = env.mock.issue_user("u", Duration::ZERO);
+        env.conn()
+            .execute(
+                "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
+                params![t.access_token, t.refresh_token, t.expires_at],
+            )
+            .expect("relink");
+        assert_eq!(env.mock.usable_refresh_tokens("u"), 2, "two grants live");
+    };
+    let (out, ()) = tokio::join!(remove, relink);
+    let (stdout, stderr) = said(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(!exists(&env, "u"));
+    assert_eq!(
+        env.mock.usable_refresh_tokens("u"),
+        0,
+        "a grant of the removed account still works at the provider"
+    );
+    assert_eq!(
+        env.mock.revoke_log().len(),
+        2,
+        "one revocation per grant: {:?}",
+        env.mock.revoke_log()
+    );
+}
