@@ -194,7 +194,7 @@ async fn token(
     let deadline = tokio::time::Instant::now() + max_wait;
     let mut asked = false;
     loop {
-        let a = match s.store.get(&id).await? {
+        let a = match s.store.get_cached(&id).await? {
             None => return Err(ApiError::NotFound(format!("no account {id:?}"))),
             Some(Err(p)) => {
                 return Err(ApiError::Conflict {

@@ -16,6 +16,7 @@
 //! restored backup moved over it) is refused, and the outcomes of that commit are reported as
 //! not durable, so the engine journals them.
 
+mod cache;
 mod outbox;
 mod schema;
 mod sql;
@@ -31,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::config::TokenType;
 use crate::state::State;
+use cache::RowCache;
 
 pub use outbox::{
     BURST_WINDOW, Delivery, DeliveryView, Finish, PlanFn, Planned, SinkPlan, SinkStats, Step,
@@ -439,9 +441,31 @@ struct Conn {
     on_commit: Option<Arc<dyn Fn(Duration) + Send + Sync>>,
     /// Whether commits are synced now (`synchronous=FULL`), as last set; `None` when unknown.
     synced: Option<bool>,
+    /// The rows the token API keeps in memory: every write forgets what it touched.
+    cache: Arc<RowCache>,
+    /// `data_version` as last polled: when it moves, another program wrote.
+    seen_version: Option<i64>,
 }
 
 impl Conn {
+    fn new(
+        conn: Connection,
+        identity: Option<Identity>,
+        path: &Path,
+        cache: Arc<RowCache>,
+    ) -> Conn {
+        Conn {
+            conn,
+            identity,
+            path: path.to_owned(),
+            replaced: None,
+            on_commit: None,
+            synced: None,
+            cache,
+            seen_version: None,
+        }
+    }
+
     /// Make the next commits synced to the disk before they return (`FULL`), or written to
     /// the WAL only (`NORMAL`: the OS holds them, so a crash of tokend keeps them, and the
     /// next synced commit or checkpoint puts them on the disk, the WAL being written in
@@ -618,7 +642,17 @@ impl Worker {
 pub struct Store {
     writer: Worker,
     reader: Worker,
+    cache: Arc<RowCache>,
     path: PathBuf,
+}
+
+/// Which rows a write may change, to forget them in the cache once it committed.
+enum Touches {
+    /// Only other tables, or columns the token path does not read (leases).
+    Nothing,
+    One(String),
+    Some(Vec<String>),
+    All,
 }
 
 impl std::fmt::Debug for Store {
@@ -643,29 +677,17 @@ impl Store {
         schema::migrate(&mut conn, path)?;
         let identity = Identity::of(path).ok();
         let reader = schema::open_reader(path)?;
+        let cache = Arc::new(RowCache::default());
         let store = Store {
             writer: Worker::new(
-                Conn {
-                    conn,
-                    identity,
-                    path: path.to_owned(),
-                    replaced: None,
-                    on_commit: None,
-                    synced: None,
-                },
+                Conn::new(conn, identity, path, cache.clone()),
                 "tokend-store",
             ),
             reader: Worker::new(
-                Conn {
-                    conn: reader,
-                    identity: None,
-                    path: path.to_owned(),
-                    replaced: None,
-                    on_commit: None,
-                    synced: None,
-                },
+                Conn::new(reader, None, path, cache.clone()),
                 "tokend-store-read",
             ),
+            cache,
             path: path.to_owned(),
         };
         Ok((store, warnings))
@@ -675,18 +697,15 @@ impl Store {
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let reader = schema::open_reader(path)?;
         schema::check_version(&reader, path)?;
-        let conn = Conn {
-            conn: reader,
-            identity: None,
-            path: path.to_owned(),
-            replaced: None,
-            on_commit: None,
-            synced: None,
-        };
-        let worker = Worker::new(conn, "tokend-store-read");
+        let cache = Arc::new(RowCache::default());
+        let worker = Worker::new(
+            Conn::new(reader, None, path, cache.clone()),
+            "tokend-store-read",
+        );
         Ok(Store {
             writer: worker.clone(),
             reader: worker,
+            cache,
             path: path.to_owned(),
         })
     }
@@ -703,29 +722,41 @@ impl Store {
     /// A write whose commit is synced before it returns.
     async fn write<T: Send + 'static>(
         &self,
+        touches: Touches,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.write_synced(true, f).await
+        self.write_synced(true, touches, f).await
     }
 
     /// A write of claims or leases: its commit is not synced (see [`Conn::sync`]).
     async fn write_unsynced<T: Send + 'static>(
         &self,
+        touches: Touches,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.write_synced(false, f).await
+        self.write_synced(false, touches, f).await
     }
 
+    /// Run `f` on the writer's thread; then, before anyone hears of it, forget the cached rows
+    /// it `touches` (also when it failed: it may have committed before failing).
     async fn write_synced<T: Send + 'static>(
         &self,
         full: bool,
+        touches: Touches,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.writer
             .run(move |c| {
                 c.check_identity()?;
                 c.sync(full)?;
-                f(&mut c.conn)
+                let written = f(&mut c.conn);
+                match touches {
+                    Touches::Nothing => {}
+                    Touches::One(id) => c.cache.forget([id.as_str()]),
+                    Touches::Some(ids) => c.cache.forget(ids.iter().map(String::as_str)),
+                    Touches::All => c.cache.forget_all(),
+                }
+                written
             })
             .await
     }
@@ -746,8 +777,15 @@ impl Store {
         decide: impl Fn(&Account) -> Decision + Send + 'static,
     ) -> Result<Evaluated, StoreError> {
         let decide: DecideFn = Box::new(decide);
-        self.write_unsynced(move |c| sql::evaluate_new(c, &lease, limit, &decide))
-            .await
+        let cache = self.cache.clone();
+        self.write_unsynced(Touches::Nothing, move |c| {
+            let evaluated = sql::evaluate_new(c, &lease, limit, &decide);
+            if let Ok(e) = &evaluated {
+                cache.forget(e.changes.iter().map(|(id, ..)| id.as_str()));
+            }
+            evaluated
+        })
+        .await
     }
 
     /// Due rows, per group: decide on each; lease the ones to request (recording the attempt
@@ -760,8 +798,15 @@ impl Store {
         decide: impl Fn(&Account) -> Decision + Send + 'static,
     ) -> Result<Claimed, StoreError> {
         let decide: DecideFn = Box::new(decide);
-        self.write_unsynced(move |c| sql::claim_due(c, &lease, &groups, &decide))
-            .await
+        let cache = self.cache.clone();
+        self.write_unsynced(Touches::Nothing, move |c| {
+            let claimed = sql::claim_due(c, &lease, &groups, &decide);
+            if let Ok(cl) = &claimed {
+                cache.forget(cl.changes.iter().map(|(id, ..)| id.as_str()));
+            }
+            claimed
+        })
+        .await
     }
 
     /// Claim one account by id (on-demand refresh, probes): as [`Self::claim_due`] but whatever
@@ -775,8 +820,10 @@ impl Store {
     ) -> Result<Option<(Account, Decision)>, StoreError> {
         let id = id.to_owned();
         let decide: DecideFn = Box::new(decide);
-        self.write_unsynced(move |c| sql::claim_one(c, &id, &lease, &decide))
-            .await
+        self.write_unsynced(Touches::One(id.clone()), move |c| {
+            sql::claim_one(c, &id, &lease, &decide)
+        })
+        .await
     }
 
     /// Commit an outcome (grouped with others into one transaction).
@@ -794,14 +841,16 @@ impl Store {
         until: i64,
     ) -> Result<(), StoreError> {
         let owner = owner.to_owned();
-        self.write_unsynced(move |c| sql::renew_leases(c, &owner, &ids, until))
-            .await
+        self.write_unsynced(Touches::Nothing, move |c| {
+            sql::renew_leases(c, &owner, &ids, until)
+        })
+        .await
     }
 
     /// Undo claims `(id, attempt)` whose requests were never sent.
     pub async fn release(&self, owner: &str, claims: Vec<(String, i64)>) -> Result<(), StoreError> {
         let owner = owner.to_owned();
-        self.write_unsynced(move |c| sql::release(c, &owner, &claims))
+        self.write_unsynced(Touches::Nothing, move |c| sql::release(c, &owner, &claims))
             .await
     }
 
@@ -813,14 +862,16 @@ impl Store {
     /// Make the rows a dead owner left in flight due first, whatever their lease says.
     pub async fn recover_dead_owner(&self, owner: &str, now: i64) -> Result<u64, StoreError> {
         let owner = owner.to_owned();
-        self.write(move |c| sql::recover_dead_owner(c, &owner, now))
-            .await
+        self.write(Touches::All, move |c| {
+            sql::recover_dead_owner(c, &owner, now)
+        })
+        .await
     }
 
     /// Rows whose profile is not one of `profiles` (and rows without one when `profiles` has
     /// not exactly one): look at them again (a reload removed or renamed a profile).
     pub async fn reevaluate_orphans(&self, profiles: Vec<String>) -> Result<u64, StoreError> {
-        self.write(move |c| sql::reevaluate_orphans(c, &profiles))
+        self.write(Touches::All, move |c| sql::reevaluate_orphans(c, &profiles))
             .await
     }
 
@@ -841,8 +892,14 @@ impl Store {
         self.writer
             .run(|c| {
                 c.check_identity()?;
-                Ok(c.conn
-                    .pragma_query_value(None, "data_version", |r| r.get(0))?)
+                let v: i64 = c
+                    .conn
+                    .pragma_query_value(None, "data_version", |r| r.get(0))?;
+                if c.seen_version.replace(v) != Some(v) {
+                    // Another program wrote: any cached row may be older than its write.
+                    c.cache.forget_all();
+                }
+                Ok(v)
             })
             .await
     }
@@ -850,6 +907,27 @@ impl Store {
     pub async fn get(&self, id: &str) -> Result<Option<Result<Account, RowProblem>>, StoreError> {
         let id = id.to_owned();
         self.read(move |c| sql::get(c, &id)).await
+    }
+
+    /// As [`Store::get`], from memory when this row was read before and nothing has written it
+    /// since (the token API's path; see [`cache`]). Rows written by other programs are seen
+    /// within a poll of [`Store::data_version`].
+    pub async fn get_cached(
+        &self,
+        id: &str,
+    ) -> Result<Option<Result<Arc<Account>, RowProblem>>, StoreError> {
+        if let Some(row) = self.cache.get(id) {
+            return Ok(Some(Ok(row)));
+        }
+        let seen = self.cache.seq();
+        let read = self.get(id).await?;
+        Ok(read.map(|r| {
+            r.map(|a| {
+                let a = Arc::new(a);
+                self.cache.keep(seen, a.clone());
+                a
+            })
+        }))
     }
 
     /// Accounts in `state` (all when `None`) and `profile`, ordered by id, after `after`, at most
@@ -901,19 +979,26 @@ impl Store {
         replace: bool,
         now: i64,
     ) -> Result<Linked, StoreError> {
-        self.write(move |c| sql::link(c, &accounts, replace, now))
-            .await
+        let ids = accounts.iter().map(|a| a.id.clone()).collect();
+        self.write(Touches::Some(ids), move |c| {
+            sql::link(c, &accounts, replace, now)
+        })
+        .await
     }
 
     /// Write a new grant into an existing account (relink), as another program's UPDATE would.
     pub async fn relink(&self, account: NewAccount, now: i64) -> Result<bool, StoreError> {
-        self.write(move |c| sql::relink(c, &account, now)).await
+        self.write(Touches::One(account.id.clone()), move |c| {
+            sql::relink(c, &account, now)
+        })
+        .await
     }
 
     /// Delete an account; returns its tokens if it existed (to revoke them).
     pub async fn remove(&self, id: &str) -> Result<Option<Account>, StoreError> {
         let id = id.to_owned();
-        self.write(move |c| sql::remove(c, &id)).await
+        self.write(Touches::One(id.clone()), move |c| sql::remove(c, &id))
+            .await
     }
 
     /// Delete an account only if it still holds these tokens (those of a grant just revoked):
@@ -925,7 +1010,7 @@ impl Store {
         refresh_token: Option<SecretString>,
     ) -> Result<Unlinked, StoreError> {
         let id = id.to_owned();
-        self.write(move |c| {
+        self.write(Touches::One(id.clone()), move |c| {
             sql::remove_holding(c, &id, access_token.as_ref(), refresh_token.as_ref())
         })
         .await
@@ -934,7 +1019,8 @@ impl Store {
     /// Bring an account in `failing`, `paused`, `needs_reauth` or `revoked` back for evaluation now.
     pub async fn resume(&self, id: &str, now: i64) -> Result<Option<State>, StoreError> {
         let id = id.to_owned();
-        self.write(move |c| sql::resume(c, &id, now)).await
+        self.write(Touches::One(id.clone()), move |c| sql::resume(c, &id, now))
+            .await
     }
 
     /// Record a pause of `profile` and move its schedulable accounts that have no request in
@@ -945,8 +1031,10 @@ impl Store {
         single: bool,
         now: i64,
     ) -> Result<u64, StoreError> {
-        self.write(move |c| sql::pause_profile(c, &profile, single, now))
-            .await
+        self.write(Touches::All, move |c| {
+            sql::pause_profile(c, &profile, single, now)
+        })
+        .await
     }
 
     /// End the pause of `profile`: its paused accounts become due now. Returns how many.
@@ -958,8 +1046,10 @@ impl Store {
         now: i64,
     ) -> Result<u64, StoreError> {
         let (profile, reason) = (profile.to_owned(), reason.to_owned());
-        self.write(move |c| sql::resume_profile(c, &profile, single, &reason, now))
-            .await
+        self.write(Touches::All, move |c| {
+            sql::resume_profile(c, &profile, single, &reason, now)
+        })
+        .await
     }
 
     /// Make one paused user account of `profile` (one that holds a refresh token) due now, to
@@ -971,8 +1061,10 @@ impl Store {
         now: i64,
     ) -> Result<bool, StoreError> {
         let profile = profile.to_owned();
-        self.write(move |c| sql::probe_profile(c, &profile, single, now))
-            .await
+        self.write(Touches::All, move |c| {
+            sql::probe_profile(c, &profile, single, now)
+        })
+        .await
     }
 
     pub async fn paused_profiles(&self) -> Result<Vec<PausedProfile>, StoreError> {
@@ -987,8 +1079,10 @@ impl Store {
         now: i64,
     ) -> Result<u64, StoreError> {
         let profile = profile.to_owned();
-        self.write(move |c| sql::wake_failing(c, &profile, single, now))
-            .await
+        self.write(Touches::All, move |c| {
+            sql::wake_failing(c, &profile, single, now)
+        })
+        .await
     }
 
     /// Accounts in any state but `active` (at most `limit`), as `(id, state)`.
@@ -1031,7 +1125,9 @@ impl Store {
     /// (once per refresh token) and lapse events for kept-alive accounts whose access token
     /// expired before `now` (once per expiry). Returns what it recorded.
     pub async fn sweep(&self, before: i64, now: i64) -> Result<Swept, StoreError> {
-        self.write(move |c| sql::sweep(c, before, now)).await
+        // Events only: no account's token or state moves.
+        self.write(Touches::Nothing, move |c| sql::sweep(c, before, now))
+            .await
     }
 
     /// Record an event that goes with no state change.
@@ -1043,7 +1139,7 @@ impl Store {
         reason: String,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.write(move |c| {
+        self.write(Touches::Nothing, move |c| {
             sql::insert_event(
                 c,
                 kind,
@@ -1131,9 +1227,12 @@ mod tests {
             Ok(c.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
         };
         if unsynced {
-            store.write_unsynced(q).await.expect("pragma")
+            store
+                .write_unsynced(Touches::Nothing, q)
+                .await
+                .expect("pragma")
         } else {
-            store.write(q).await.expect("pragma")
+            store.write(Touches::Nothing, q).await.expect("pragma")
         }
     }
 
@@ -1206,5 +1305,132 @@ mod tests {
         assert!(store.get("u").await.expect("get").is_some());
         assert_eq!(holding("r2").await.expect("remove"), Unlinked::Removed);
         assert_eq!(holding("r2").await.expect("remove"), Unlinked::Missing);
+    }
+
+    fn user(id: &str, access: &str, refresh: &str) -> NewAccount {
+        NewAccount {
+            id: id.into(),
+            profile: Some("p".into()),
+            token_type: TokenType::User,
+            access_token: Some(SecretString::from(access)),
+            refresh_token: Some(SecretString::from(refresh)),
+            expires_at: Some(2_000_000_000),
+            scopes: None,
+        }
+    }
+
+    async fn cached_access(store: &Store, id: &str) -> Option<String> {
+        use secrecy::ExposeSecret;
+        match store.get_cached(id).await.expect("get_cached")? {
+            Ok(a) => a
+                .access_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            Err(p) => panic!("bad row {id}: {}", p.reason),
+        }
+    }
+
+    /// The token path's cache never answers with a row older than the store's: every write
+    /// through the store forgets what it touched, and a write by another program is forgotten
+    /// at the next `data_version` poll.
+    #[tokio::test]
+    async fn the_cache_follows_every_write_it_could_miss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path).expect("open");
+        store
+            .link(vec![user("u", "a1", "r1"), user("v", "b1", "s1")], false, 0)
+            .await
+            .expect("link");
+        store.data_version().await.expect("data_version");
+        assert_eq!(cached_access(&store, "u").await.as_deref(), Some("a1"));
+        assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b1"));
+        assert_eq!(store.cache.len(), 2, "both rows kept");
+
+        // A refresh's outcome.
+        let outcome = Outcome {
+            id: "u".into(),
+            guard: Guard::Presented(SecretString::from("r1")),
+            tokens: Some(NewTokens {
+                access_token: Some(SecretString::from("a2")),
+                refresh_token: Some(SecretString::from("r2")),
+                expires_at: Some(2_000_000_100),
+                scopes: None,
+            }),
+            change: Change {
+                to: State::Active,
+                reason: None,
+                next_action_at: Some(2_000_000_000),
+                failures: 0,
+                last_error: None,
+                checked_at: None,
+                profile: None,
+            },
+            notes: Vec::new(),
+            now: 10,
+        };
+        assert!(matches!(
+            store.commit(outcome).await.expect("commit"),
+            Committed::Applied { .. }
+        ));
+        assert_eq!(cached_access(&store, "u").await.as_deref(), Some("a2"));
+        assert_eq!(store.cache.len(), 2, "v stays cached");
+
+        // A relink through the store, then a removal.
+        assert!(
+            store
+                .relink(user("u", "a3", "r3"), 11)
+                .await
+                .expect("relink")
+        );
+        assert_eq!(cached_access(&store, "u").await.as_deref(), Some("a3"));
+        store.remove("u").await.expect("remove");
+        assert_eq!(cached_access(&store, "u").await, None);
+
+        // Another program's UPDATE: seen at the next poll, as the engine polls every second.
+        assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b1"));
+        let other = Connection::open(&path).expect("second connection");
+        other
+            .execute("UPDATE accounts SET access_token = 'b2' WHERE id = 'v'", [])
+            .expect("foreign update");
+        store.data_version().await.expect("data_version");
+        assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b2"));
+    }
+
+    /// A row read while a write was under way is not kept: it may be older than that write.
+    #[test]
+    fn a_row_read_across_a_write_is_not_kept() {
+        let cache = RowCache::default();
+        let row = |access: &str| {
+            Arc::new(Account {
+                id: "u".into(),
+                profile: None,
+                token_type: TokenType::User,
+                access_token: Some(SecretString::from(access)),
+                refresh_token: None,
+                expires_at: None,
+                refresh_issued_at: None,
+                scopes: None,
+                state: State::Active,
+                failures: 0,
+                last_refresh_at: None,
+                lease_owner: None,
+                attempt: None,
+                attempt_at: None,
+                window_start: None,
+                window_requests: 0,
+                left_in_flight_by: None,
+            })
+        };
+        let seen = cache.seq();
+        cache.forget(["u"]);
+        cache.keep(seen, row("old"));
+        assert!(
+            cache.get("u").is_none(),
+            "a row older than a write was kept"
+        );
+        let seen = cache.seq();
+        cache.keep(seen, row("new"));
+        assert!(cache.get("u").is_some());
     }
 }

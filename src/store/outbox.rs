@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::sql::{EVENT_COLUMNS, immediate, read_event};
-use super::{Event, Store, StoreError};
+use super::{Event, Store, StoreError, Touches};
 use crate::config::SUMMARY_TYPE;
 
 /// The burst rule counts a sink's account notifications of one profile over this many seconds;
@@ -158,8 +158,10 @@ impl Store {
         limit: usize,
         plan: PlanFn,
     ) -> Result<Planned, StoreError> {
-        self.write(move |c| plan_tx(c, &sinks, now, limit, &plan))
-            .await
+        self.write(Touches::Nothing, move |c| {
+            plan_tx(c, &sinks, now, limit, &plan)
+        })
+        .await
     }
 
     /// The highest event sequence number (0 without events).
@@ -185,8 +187,10 @@ impl Store {
         until: i64,
     ) -> Result<Vec<Delivery>, StoreError> {
         let (sink, owner) = (sink.to_owned(), owner.to_owned());
-        self.write(move |c| claim_tx(c, &sink, now, limit, &owner, until))
-            .await
+        self.write(Touches::Nothing, move |c| {
+            claim_tx(c, &sink, now, limit, &owner, until)
+        })
+        .await
     }
 
     /// Record how an attempt ended (only while `owner` still holds its lease).
@@ -198,8 +202,10 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         let owner = owner.to_owned();
-        self.write(move |c| finish_tx(c, ord, &owner, &finish, now))
-            .await
+        self.write(Touches::Nothing, move |c| {
+            finish_tx(c, ord, &owner, &finish, now)
+        })
+        .await
     }
 
     /// Per sink: undelivered notifications, the oldest one's queue time, dead letters since
@@ -236,7 +242,7 @@ impl Store {
     /// Make the notifications `owner` held claimable now (it is gone).
     pub async fn notify_release(&self, owner: &str) -> Result<u64, StoreError> {
         let owner = owner.to_owned();
-        self.write(move |c| {
+        self.write(Touches::Nothing, move |c| {
             Ok(c.execute(
                 "UPDATE notify_deliveries SET lease_owner = NULL, lease_until = NULL
                  WHERE lease_owner = ?1",
@@ -248,7 +254,7 @@ impl Store {
 
     /// Forget finished notifications done before `before`.
     pub async fn notify_prune(&self, before: i64) -> Result<u64, StoreError> {
-        self.write(move |c| {
+        self.write(Touches::Nothing, move |c| {
             Ok(c.execute(
                 "DELETE FROM notify_deliveries
                  WHERE status IN ('delivered', 'rejected', 'dead', 'suppressed', 'summarised')

@@ -467,12 +467,15 @@ pub(super) fn commit_group(conn: &mut Conn, group: Vec<(Box<Outcome>, Reply<Comm
             })
             .collect(),
         Err(e) => {
+            // Not committed, most likely; forgotten all the same (cheap, and certain).
+            conn.cache.forget(group.iter().map(|(o, _)| o.id.as_str()));
             for (_, reply) in group {
                 let _ = reply.send(Err(e.clone()));
             }
             return;
         }
     };
+    conn.cache.forget(group.iter().map(|(o, _)| o.id.as_str()));
     for ((_, reply), r) in group.into_iter().zip(results) {
         let _ = reply.send(r);
     }

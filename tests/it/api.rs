@@ -102,6 +102,69 @@ async fn fifty_callers_asking_for_a_short_token_cause_exactly_one_refresh() {
     assert_eq!(env.mock.totals().concurrent_same_account, 0);
 }
 
+/// Tokens are served from memory once fetched; a relink by another program's UPDATE (the
+/// README's way) is served within the engine's one-second poll, and a refresh at once.
+#[tokio::test(start_paused = true)]
+async fn a_relink_by_another_program_is_served_within_a_second() {
+    let env = Env::new(MockConfig::default(), "").await;
+    env.add_user("u", Duration::from_secs(600));
+    let daemon = started(&env).await;
+    let client = socket_client(&socket_of(&env));
+    let fetch = || {
+        call(
+            &client,
+            SOCKET,
+            Method::GET,
+            "/v1/accounts/u/token?min_ttl=60",
+            None,
+            None,
+        )
+    };
+    let (status, _, first) = fetch().await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (_, _, again) = fetch().await;
+    assert_eq!(again["access_token"], first["access_token"]);
+
+    // The user authorised again: a new grant with ten minutes left on its access token.
+    let grant = env.mock.issue_user("u", Duration::from_secs(3000));
+    env.conn()
+        .execute(
+            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
+            rusqlite::params![grant.access_token, grant.refresh_token, grant.expires_at],
+        )
+        .expect("relink by UPDATE");
+    let relinked = tokio::time::Instant::now();
+    loop {
+        let (status, _, body) = fetch().await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["access_token"] == grant.access_token.as_str() {
+            break;
+        }
+        assert_eq!(body["access_token"], first["access_token"], "neither token");
+        assert!(
+            relinked.elapsed() <= tokend::engine::CHANGE_POLL + Duration::from_millis(100),
+            "the old grant's token still served {:?} after the relink",
+            relinked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A refresh forced by min_ttl: the answer and every fetch after it carry the new token.
+    let (status, _, forced) = call(
+        &client,
+        SOCKET,
+        Method::GET,
+        "/v1/accounts/u/token?min_ttl=1200",
+        None,
+        None,
+    )
+    .await;
+    daemon.stop().await;
+    let (newest, _) = env.mock.newest("u").expect("issued");
+    assert_eq!(status, StatusCode::OK, "{forced}");
+    assert_eq!(forced["access_token"], newest.as_str());
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_token_route_says_404_409_or_503_when_it_cannot_serve() {
     let env = Env::new(
