@@ -20,7 +20,7 @@ use crate::clock::rfc3339;
 use crate::config::TokenType;
 use crate::engine::OnDemand;
 use crate::state::State as AccountState;
-use crate::store::{Account, Linked, NewAccount, Summary};
+use crate::store::{Current, Linked, NewAccount, Summary};
 use crate::unlink::{NotRevoked, Revoked};
 
 /// Default and largest `min_ttl` of a token fetch.
@@ -194,7 +194,7 @@ async fn token(
     let deadline = tokio::time::Instant::now() + max_wait;
     let mut asked = false;
     loop {
-        let a = match s.store.get_cached(&id).await? {
+        let a = match s.store.current(&id).await? {
             None => return Err(ApiError::NotFound(format!("no account {id:?}"))),
             Some(Err(p)) => {
                 return Err(ApiError::Conflict {
@@ -298,7 +298,7 @@ async fn token(
 }
 
 /// The token answer, if `a` has a token with `min_ttl` left.
-fn serve(a: &Account, left: Option<i64>, min_ttl: i64) -> Option<Response> {
+fn serve(a: &Current, left: Option<i64>, min_ttl: i64) -> Option<Response> {
     let access = a.access_token.as_ref()?;
     if left? < min_ttl.max(1) {
         return None;

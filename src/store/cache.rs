@@ -11,12 +11,42 @@
 
 use std::sync::{Arc, Mutex};
 
+use secrecy::SecretString;
+
 use super::{Account, lock};
 use crate::FastMap;
+use crate::config::TokenType;
+use crate::state::State;
 
-/// At most this many rows are kept (about 300 bytes each): enough for every account an
-/// integration fetches in practice; past it, one is dropped for each one kept.
-const CAPACITY: usize = 200_000;
+/// At most this many rows are kept (about 250 bytes each): past it, one is dropped for each one
+/// kept, and fetches of the others read SQLite as before.
+const CAPACITY: usize = 100_000;
+
+/// What the token route needs of a row: its access token, expiry and state. Never its refresh
+/// token, which stays in the database only.
+#[derive(Debug)]
+pub struct Current {
+    pub token_type: TokenType,
+    pub access_token: Option<SecretString>,
+    pub expires_at: Option<i64>,
+    pub scopes: Option<Box<str>>,
+    pub state: State,
+    /// When tokend last stored a refreshed pair (the access token's issue time).
+    pub last_refresh_at: Option<i64>,
+}
+
+impl From<Account> for Current {
+    fn from(a: Account) -> Current {
+        Current {
+            token_type: a.token_type,
+            access_token: a.access_token,
+            expires_at: a.expires_at,
+            scopes: a.scopes.map(String::into_boxed_str),
+            state: a.state,
+            last_refresh_at: a.last_refresh_at,
+        }
+    }
+}
 
 #[derive(Default)]
 pub(super) struct RowCache {
@@ -25,13 +55,13 @@ pub(super) struct RowCache {
 
 #[derive(Default)]
 struct Inner {
-    rows: FastMap<String, Arc<Account>>,
+    rows: FastMap<Box<str>, Arc<Current>>,
     /// Moves on every forget: a row read before it moved may be older than the write.
     seq: u64,
 }
 
 impl RowCache {
-    pub(super) fn get(&self, id: &str) -> Option<Arc<Account>> {
+    pub(super) fn get(&self, id: &str) -> Option<Arc<Current>> {
         lock(&self.inner).rows.get(id).cloned()
     }
 
@@ -42,17 +72,17 @@ impl RowCache {
 
     /// Keep a row read after [`RowCache::seq`] returned `seen`, unless something was
     /// forgotten since (the row may predate that write).
-    pub(super) fn keep(&self, seen: u64, row: Arc<Account>) {
+    pub(super) fn keep(&self, seen: u64, id: &str, row: Arc<Current>) {
         let mut inner = lock(&self.inner);
         if inner.seq != seen {
             return;
         }
-        if inner.rows.len() >= CAPACITY && !inner.rows.contains_key(&row.id) {
+        if inner.rows.len() >= CAPACITY && !inner.rows.contains_key(id) {
             if let Some(victim) = inner.rows.keys().next().cloned() {
                 inner.rows.remove(&victim);
             }
         }
-        inner.rows.insert(row.id.clone(), row);
+        inner.rows.insert(id.into(), row);
     }
 
     pub(super) fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {

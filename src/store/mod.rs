@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::config::TokenType;
 use crate::state::State;
+pub use cache::Current;
 use cache::RowCache;
 
 pub use outbox::{
@@ -909,13 +910,13 @@ impl Store {
         self.read(move |c| sql::get(c, &id)).await
     }
 
-    /// As [`Store::get`], from memory when this row was read before and nothing has written it
-    /// since (the token API's path; see [`cache`]). Rows written by other programs are seen
+    /// The token route's view of a row ([`Current`]), from memory when it was read before and
+    /// nothing has written it since (see [`cache`]). Rows written by other programs are seen
     /// within a poll of [`Store::data_version`].
-    pub async fn get_cached(
+    pub async fn current(
         &self,
         id: &str,
-    ) -> Result<Option<Result<Arc<Account>, RowProblem>>, StoreError> {
+    ) -> Result<Option<Result<Arc<Current>, RowProblem>>, StoreError> {
         if let Some(row) = self.cache.get(id) {
             return Ok(Some(Ok(row)));
         }
@@ -923,9 +924,9 @@ impl Store {
         let read = self.get(id).await?;
         Ok(read.map(|r| {
             r.map(|a| {
-                let a = Arc::new(a);
-                self.cache.keep(seen, a.clone());
-                a
+                let row = Arc::new(Current::from(a));
+                self.cache.keep(seen, id, row.clone());
+                row
             })
         }))
     }
@@ -1321,7 +1322,7 @@ mod tests {
 
     async fn cached_access(store: &Store, id: &str) -> Option<String> {
         use secrecy::ExposeSecret;
-        match store.get_cached(id).await.expect("get_cached")? {
+        match store.current(id).await.expect("current")? {
             Ok(a) => a
                 .access_token
                 .as_ref()
@@ -1402,35 +1403,24 @@ mod tests {
     fn a_row_read_across_a_write_is_not_kept() {
         let cache = RowCache::default();
         let row = |access: &str| {
-            Arc::new(Account {
-                id: "u".into(),
-                profile: None,
+            Arc::new(Current {
                 token_type: TokenType::User,
                 access_token: Some(SecretString::from(access)),
-                refresh_token: None,
                 expires_at: None,
-                refresh_issued_at: None,
                 scopes: None,
                 state: State::Active,
-                failures: 0,
                 last_refresh_at: None,
-                lease_owner: None,
-                attempt: None,
-                attempt_at: None,
-                window_start: None,
-                window_requests: 0,
-                left_in_flight_by: None,
             })
         };
         let seen = cache.seq();
         cache.forget(["u"]);
-        cache.keep(seen, row("old"));
+        cache.keep(seen, "u", row("old"));
         assert!(
             cache.get("u").is_none(),
             "a row older than a write was kept"
         );
         let seen = cache.seq();
-        cache.keep(seen, row("new"));
+        cache.keep(seen, "u", row("new"));
         assert!(cache.get("u").is_some());
     }
 }
