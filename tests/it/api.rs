@@ -103,9 +103,9 @@ async fn fifty_callers_asking_for_a_short_token_cause_exactly_one_refresh() {
 }
 
 /// Tokens are served from memory once fetched; a relink by another program's UPDATE (the
-/// README's way) is served within the engine's one-second poll, and a refresh at once.
+/// README's way) or its DELETE is served within the engine's one-second poll, a refresh at once.
 #[tokio::test(start_paused = true)]
-async fn a_relink_by_another_program_is_served_within_a_second() {
+async fn another_programs_relink_or_delete_is_served_within_a_second() {
     let env = Env::new(MockConfig::default(), "").await;
     env.add_user("u", Duration::from_secs(600));
     let daemon = started(&env).await;
@@ -159,10 +159,35 @@ async fn a_relink_by_another_program_is_served_within_a_second() {
         None,
     )
     .await;
-    daemon.stop().await;
     let (newest, _) = env.mock.newest("u").expect("issued");
     assert_eq!(status, StatusCode::OK, "{forced}");
     assert_eq!(forced["access_token"], newest.as_str());
+    let (_, _, after) = fetch().await;
+    assert_eq!(
+        after["access_token"],
+        newest.as_str(),
+        "the token before the refresh"
+    );
+
+    // Another program's DELETE: unknown within the same second.
+    env.conn()
+        .execute("DELETE FROM accounts WHERE id = 'u'", [])
+        .expect("delete");
+    let deleted = tokio::time::Instant::now();
+    loop {
+        let (status, _, body) = fetch().await;
+        if status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            deleted.elapsed() <= tokend::engine::CHANGE_POLL + Duration::from_millis(100),
+            "a deleted account's token still served {:?} after the DELETE",
+            deleted.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
