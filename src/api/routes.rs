@@ -193,8 +193,12 @@ async fn token(
     let max_wait = s.runtime().config.api.max_wait.get();
     let deadline = tokio::time::Instant::now() + max_wait;
     let mut asked = false;
+    // A row from memory serves or is read again: what cannot be served (a state, a refresh
+    // that is not allowed yet) is decided on the database's row, which another tokend may have
+    // refreshed within the last second.
+    let mut from_memory = true;
     loop {
-        let a = match s.store.current(&id).await? {
+        let a = match s.store.current(&id, from_memory).await? {
             None => return Err(ApiError::NotFound(format!("no account {id:?}"))),
             Some(Err(p)) => {
                 return Err(ApiError::Conflict {
@@ -204,23 +208,29 @@ async fn token(
             }
             Some(Ok(a)) => a,
         };
+        let now = s.clock.now();
+        let left = match a.token_type {
+            TokenType::Company => Some(i64::MAX),
+            TokenType::User => a.expires_at.map(|e| e - now),
+        };
+        if !a.state.is_terminal()
+            && let Some(served) = serve(&a, left, min_ttl)
+        {
+            tracing::info!(who = %caller.who, account_id = %id,
+                expires_at = a.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+                min_ttl_s = min_ttl, refreshed = asked, "token served");
+            return Ok(served);
+        }
+        if from_memory {
+            from_memory = false;
+            continue;
+        }
         if a.state.is_terminal() {
             let reason = s.store.summary(&id).await?.and_then(|x| x.state_reason);
             return Err(ApiError::Conflict {
                 state: a.state.to_string(),
                 reason,
             });
-        }
-        let now = s.clock.now();
-        let left = match a.token_type {
-            TokenType::Company => Some(i64::MAX),
-            TokenType::User => a.expires_at.map(|e| e - now),
-        };
-        if let Some(served) = serve(&a, left, min_ttl) {
-            tracing::info!(who = %caller.who, account_id = %id,
-                expires_at = a.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
-                min_ttl_s = min_ttl, refreshed = asked, "token served");
-            return Ok(served);
         }
         if a.token_type == TokenType::Company {
             return Err(ApiError::Conflict {

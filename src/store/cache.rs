@@ -7,9 +7,13 @@
 //! touched on the writer's thread, once its transaction has committed and before anyone is told
 //! it did; a row read while a write was under way is not kept (`seq` moved), so the cache never
 //! holds a row older than one a reader could see. Writes by other programs are seen when the
-//! engine next polls `data_version` (every second): the whole cache is forgotten then.
+//! engine next polls `data_version` (every second): the whole cache is forgotten then. Each poll
+//! also vouches for the cache for [`FRESH_FOR`]: when none came that long (the engine stopping,
+//! its writer waiting on another program's lock, the store closed), nothing is served from
+//! memory until the next one.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 
@@ -21,6 +25,10 @@ use crate::state::State;
 /// At most this many rows are kept (about 250 bytes each): past it, one is dropped for each one
 /// kept, and fetches of the others read SQLite as before.
 const CAPACITY: usize = 100_000;
+
+/// How long a `data_version` poll that found no unseen write vouches for the cache: twice the
+/// engine's poll interval.
+pub(super) const FRESH_FOR: Duration = Duration::from_secs(2);
 
 /// What the token route needs of a row: its access token, expiry and state. Never its refresh
 /// token, which stays in the database only.
@@ -58,11 +66,36 @@ struct Inner {
     rows: FastMap<Box<str>, Arc<Current>>,
     /// Moves on every forget: a row read before it moved may be older than the write.
     seq: u64,
+    /// The last poll that accounted for every other program's write.
+    vouched: Option<Instant>,
 }
 
 impl RowCache {
     pub(super) fn get(&self, id: &str) -> Option<Arc<Current>> {
-        lock(&self.inner).rows.get(id).cloned()
+        let inner = lock(&self.inner);
+        if inner.vouched.is_none_or(|at| at.elapsed() > FRESH_FOR) {
+            return None;
+        }
+        inner.rows.get(id).cloned()
+    }
+
+    /// A `data_version` poll accounted for every other program's write (forgetting everything
+    /// first when there was one).
+    pub(super) fn vouch(&self, changed: bool) {
+        let mut inner = lock(&self.inner);
+        if changed {
+            inner.seq += 1;
+            inner.rows.clear();
+        }
+        inner.vouched = Some(Instant::now());
+    }
+
+    /// Serve nothing from memory again (the store is closing).
+    pub(super) fn stop(&self) {
+        let mut inner = lock(&self.inner);
+        inner.seq += 1;
+        inner.rows.clear();
+        inner.vouched = None;
     }
 
     /// Taken before a read whose row may be kept with [`RowCache::keep`].
@@ -86,6 +119,11 @@ impl RowCache {
     }
 
     pub(super) fn forget<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut ids = ids.into_iter().peekable();
+        if ids.peek().is_none() {
+            // Nothing written that a reader could have read: reads under way may be kept.
+            return;
+        }
         let mut inner = lock(&self.inner);
         inner.seq += 1;
         for id in ids {
@@ -102,5 +140,11 @@ impl RowCache {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         lock(&self.inner).rows.len()
+    }
+
+    /// As if the last poll were `ago` old.
+    #[cfg(test)]
+    pub(super) fn vouched_ago(&self, ago: Duration) {
+        lock(&self.inner).vouched = Instant::now().checked_sub(ago);
     }
 }

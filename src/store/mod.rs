@@ -896,10 +896,8 @@ impl Store {
                 let v: i64 = c
                     .conn
                     .pragma_query_value(None, "data_version", |r| r.get(0))?;
-                if c.seen_version.replace(v) != Some(v) {
-                    // Another program wrote: any cached row may be older than its write.
-                    c.cache.forget_all();
-                }
+                // Another program wrote when it moved: any cached row may be older than that.
+                c.cache.vouch(c.seen_version.replace(v) != Some(v));
                 Ok(v)
             })
             .await
@@ -913,11 +911,13 @@ impl Store {
     /// The token route's view of a row ([`Current`]), from memory when it was read before and
     /// nothing has written it since (see [`cache`]). Rows written by other programs are seen
     /// within a poll of [`Store::data_version`].
+    /// `from_memory: false` reads the database whatever the cache holds (and keeps what it read).
     pub async fn current(
         &self,
         id: &str,
+        from_memory: bool,
     ) -> Result<Option<Result<Arc<Current>, RowProblem>>, StoreError> {
-        if let Some(row) = self.cache.get(id) {
+        if from_memory && let Some(row) = self.cache.get(id) {
             return Ok(Some(Ok(row)));
         }
         let seen = self.cache.seq();
@@ -1168,6 +1168,7 @@ impl Store {
     /// unlinked file, and the old WAL no longer sits beside the new file, where SQLite would
     /// apply its frames to a database they do not belong to.
     pub async fn close(&self) {
+        self.cache.stop();
         let checkpoint = self
             .writer
             .run(|c| {
@@ -1322,7 +1323,7 @@ mod tests {
 
     async fn cached_access(store: &Store, id: &str) -> Option<String> {
         use secrecy::ExposeSecret;
-        match store.current(id).await.expect("current")? {
+        match store.current(id, true).await.expect("current")? {
             Ok(a) => a
                 .access_token
                 .as_ref()
@@ -1396,6 +1397,21 @@ mod tests {
             .expect("foreign update");
         store.data_version().await.expect("data_version");
         assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b2"));
+
+        // No poll for longer than a poll vouches for (the engine stopped, its writer waits on a
+        // lock): the cache serves nothing, so another program's write is read at once.
+        other
+            .execute("UPDATE accounts SET access_token = 'b3' WHERE id = 'v'", [])
+            .expect("foreign update");
+        assert_eq!(
+            cached_access(&store, "v").await.as_deref(),
+            Some("b2"),
+            "not polled yet"
+        );
+        store
+            .cache
+            .vouched_ago(cache::FRESH_FOR + Duration::from_millis(1));
+        assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b3"));
     }
 
     /// A row read while a write was under way is not kept: it may be older than that write.
@@ -1412,6 +1428,7 @@ mod tests {
                 last_refresh_at: None,
             })
         };
+        cache.vouch(false);
         let seen = cache.seq();
         cache.forget(["u"]);
         cache.keep(seen, "u", row("old"));

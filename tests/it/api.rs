@@ -190,6 +190,39 @@ async fn another_programs_relink_or_delete_is_served_within_a_second() {
     daemon.stop().await;
 }
 
+/// A token in memory with too little left is read again before tokend refreshes: another
+/// tokend on the same database may have stored a newer one since the last poll.
+#[tokio::test(start_paused = true)]
+async fn a_cached_token_too_short_is_read_again_before_refreshing() {
+    let env = Env::new(MockConfig::default(), "").await;
+    env.add_user("u", Duration::from_secs(3000));
+    let daemon = started(&env).await;
+    let client = socket_client(&socket_of(&env));
+    let client = &client;
+    let fetch = |min_ttl: u64| async move {
+        let path = format!("/v1/accounts/u/token?min_ttl={min_ttl}");
+        call(client, SOCKET, Method::GET, &path, None, None).await
+    };
+    let (status, _, first) = fetch(60).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    // Stored behind this tokend's back (as a second one would after refreshing): an hour left.
+    let newer = env.mock.issue_user("u", Duration::ZERO);
+    env.conn()
+        .execute(
+            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
+            rusqlite::params![newer.access_token, newer.refresh_token, newer.expires_at],
+        )
+        .expect("a newer token stored by another process");
+    let (status, _, body) = fetch(1200).await;
+    daemon.stop().await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["access_token"],
+        newer.access_token.as_str(),
+        "not the token in the database"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_token_route_says_404_409_or_503_when_it_cannot_serve() {
     let env = Env::new(
