@@ -24,7 +24,7 @@ use crate::state::State;
 
 /// At most this many rows are kept (about 250 bytes each): past it, one is dropped for each one
 /// kept, and fetches of the others read SQLite as before.
-const CAPACITY: usize = 100_000;
+pub(super) const CAPACITY: usize = 100_000;
 
 /// How long a `data_version` poll that found no unseen write vouches for the cache: twice the
 /// engine's poll interval.
@@ -70,6 +70,13 @@ struct Inner {
     vouched: Option<Instant>,
 }
 
+impl Inner {
+    fn clear(&mut self) {
+        self.seq += 1;
+        self.rows.clear();
+    }
+}
+
 impl RowCache {
     pub(super) fn get(&self, id: &str) -> Option<Arc<Current>> {
         let inner = lock(&self.inner);
@@ -84,8 +91,7 @@ impl RowCache {
     pub(super) fn vouch(&self, changed: bool) {
         let mut inner = lock(&self.inner);
         if changed {
-            inner.seq += 1;
-            inner.rows.clear();
+            inner.clear();
         }
         inner.vouched = Some(Instant::now());
     }
@@ -93,8 +99,7 @@ impl RowCache {
     /// Serve nothing from memory again (the store is closing).
     pub(super) fn stop(&self) {
         let mut inner = lock(&self.inner);
-        inner.seq += 1;
-        inner.rows.clear();
+        inner.clear();
         inner.vouched = None;
     }
 
@@ -132,9 +137,7 @@ impl RowCache {
     }
 
     pub(super) fn forget_all(&self) {
-        let mut inner = lock(&self.inner);
-        inner.seq += 1;
-        inner.rows.clear();
+        lock(&self.inner).clear();
     }
 
     #[cfg(test)]

@@ -1414,6 +1414,30 @@ mod tests {
         assert_eq!(cached_access(&store, "v").await.as_deref(), Some("b3"));
     }
 
+    /// Past its capacity the cache drops one row for each one it keeps.
+    #[test]
+    fn the_cache_holds_at_most_its_capacity() {
+        let cache = RowCache::default();
+        for i in 0..=cache::CAPACITY {
+            let seen = cache.seq();
+            let row = Arc::new(Current {
+                token_type: TokenType::User,
+                access_token: None,
+                expires_at: None,
+                scopes: None,
+                state: State::Active,
+                last_refresh_at: None,
+            });
+            cache.keep(seen, &format!("a{i}"), row);
+        }
+        assert_eq!(cache.len(), cache::CAPACITY);
+        cache.vouch(false);
+        assert!(
+            cache.get(&format!("a{}", cache::CAPACITY)).is_some(),
+            "the newest kept"
+        );
+    }
+
     /// A row read while a write was under way is not kept: it may be older than that write.
     #[test]
     fn a_row_read_across_a_write_is_not_kept() {

@@ -126,13 +126,7 @@ async fn another_programs_relink_or_delete_is_served_within_a_second() {
     assert_eq!(again["access_token"], first["access_token"]);
 
     // The user authorised again: a new grant with ten minutes left on its access token.
-    let grant = env.mock.issue_user("u", Duration::from_secs(3000));
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
-            rusqlite::params![grant.access_token, grant.refresh_token, grant.expires_at],
-        )
-        .expect("relink by UPDATE");
+    let grant = env.relink("u", Duration::from_secs(3000));
     let relinked = tokio::time::Instant::now();
     loop {
         let (status, _, body) = fetch().await;
@@ -206,13 +200,7 @@ async fn a_cached_token_too_short_is_read_again_before_refreshing() {
     let (status, _, first) = fetch(60).await;
     assert_eq!(status, StatusCode::OK, "{first}");
     // Stored behind this tokend's back (as a second one would after refreshing): an hour left.
-    let newer = env.mock.issue_user("u", Duration::ZERO);
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
-            rusqlite::params![newer.access_token, newer.refresh_token, newer.expires_at],
-        )
-        .expect("a newer token stored by another process");
+    let newer = env.relink("u", Duration::ZERO);
     let (status, _, body) = fetch(1200).await;
     daemon.stop().await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -292,13 +292,7 @@ async fn a_relink_during_a_refresh_wins_and_the_rotated_pair_is_recorded_superse
         env.mock.in_flight() == 1
     })
     .await;
-    let fresh = env.mock.issue_user("u", Duration::ZERO);
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
-            rusqlite::params![fresh.access_token, fresh.refresh_token, fresh.expires_at],
-        )
-        .expect("relink");
+    let fresh = env.relink("u", Duration::ZERO);
     eventually(Duration::from_secs(5), "answered", || {
         env.mock.account("u").grants == 1 && env.mock.in_flight() == 0
     })

@@ -15,7 +15,7 @@ use rusqlite::{Connection, params};
 use tokend::clock::Clock;
 use tokend::config::Config;
 use tokend::daemon::{self, Control};
-use tokend_mock::{MockClock, MockConfig, MockProvider};
+use tokend_mock::{Issued, MockClock, MockConfig, MockProvider};
 use tokio_util::sync::CancellationToken;
 
 pub const SECRET: &str = "CANARY-client-secret-7f3a9";
@@ -175,6 +175,19 @@ impl Env {
                 params![id, t.access_token, t.refresh_token, t.expires_at],
             )
             .expect("insert user");
+    }
+
+    /// A new grant for `id`, issued `age` ago, written as another program relinks (the
+    /// README's `UPDATE`).
+    pub fn relink(&self, id: &str, age: Duration) -> Issued {
+        let t = self.mock.issue_user(id, age);
+        self.conn()
+            .execute(
+                "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = ?4",
+                params![t.access_token, t.refresh_token, t.expires_at, id],
+            )
+            .expect("relink by UPDATE");
+        t
     }
 
     pub fn add_company(&self, id: &str) {

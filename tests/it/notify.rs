@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::params;
 use tokend_mock::{Endpoint, Fault, MockConfig};
 
 use crate::helpers::{Env, SECRET, eventually, write_private};
@@ -65,17 +64,6 @@ fn state_events(env: &Env, account: &str) -> Vec<(String, String)> {
     .expect("query")
     .collect::<Result<_, _>>()
     .expect("rows")
-}
-
-/// A new grant written by another program (a user re-authorised).
-fn relink(env: &Env, id: &str) {
-    let t = env.mock.issue_user(id, Duration::ZERO);
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = ?4",
-            params![t.access_token, t.refresh_token, t.expires_at, id],
-        )
-        .expect("relink");
 }
 
 /// Delivery statuses recorded for `sink`, by type.
@@ -134,7 +122,7 @@ async fn a_receiver_down_for_two_minutes_gets_every_event_once_in_order() {
     })
     .await;
     for id in &ids {
-        relink(&env, id);
+        env.relink(id, Duration::ZERO);
     }
     eventually(Duration::from_secs(30), "all active again", || {
         env.count_state("active") == 4
@@ -269,7 +257,7 @@ async fn a_later_notification_waits_for_an_earlier_one_of_its_account() {
     .await;
     let refused_at = env.now();
     for id in ["slow", "quick"] {
-        relink(&env, id);
+        env.relink(id, Duration::ZERO);
     }
     eventually(Duration::from_secs(120), "quick told twice", || {
         rx.delivered()
@@ -581,7 +569,7 @@ async fn dead_letters_after_max_age_show_in_health_and_events() {
         env.state("gone") == "needs_reauth"
     })
     .await;
-    relink(&env, "gone");
+    env.relink("gone", Duration::ZERO);
     eventually(Duration::from_secs(30), "active", || {
         env.state("gone") == "active"
     })
@@ -821,7 +809,7 @@ async fn nothing_in_a_body_or_log_matches_a_token() {
         env.state("gone") == "needs_reauth"
     })
     .await;
-    relink(&env, "gone");
+    env.relink("gone", Duration::ZERO);
     keep(&env, "gone", &mut secrets);
     let told = |kind: &str| rx.delivered().iter().any(|s| s.kind == kind);
     eventually(Duration::from_secs(60), "every kind told", || {

@@ -146,13 +146,7 @@ async fn rows_written_by_other_programs_are_picked_up_within_5s() {
     );
 
     // An existing row updated with a grant that is about to expire.
-    let t = env.mock.issue_user("early", Duration::from_secs(3597));
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'early'",
-            params![t.access_token, t.refresh_token, t.expires_at],
-        )
-        .expect("update");
+    env.relink("early", Duration::from_secs(3597));
     let t0 = tokio::time::Instant::now();
     eventually(Duration::from_secs(5), "updated row refreshed", || {
         env.mock.account("early").grants == 1
@@ -259,13 +253,7 @@ async fn invalid_grant_needs_reauth_until_a_new_grant_is_written() {
     assert_eq!(events, 1);
 
     // Relink: a new grant written by another program brings it back.
-    let t = env.mock.issue_user("dead", Duration::from_secs(3595));
-    env.conn()
-        .execute(
-            "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'dead'",
-            params![t.access_token, t.refresh_token, t.expires_at],
-        )
-        .expect("relink");
+    env.relink("dead", Duration::from_secs(3595));
     eventually(
         Duration::from_secs(10),
         "active again and refreshed",

@@ -259,13 +259,7 @@ async fn a_relink_during_the_revocation_is_revoked_in_turn() {
         })
         .await;
         // While the revocation is held: a new grant, written as another program would.
-        let t = env.mock.issue_user("u", Duration::ZERO);
-        env.conn()
-            .execute(
-                "UPDATE accounts SET access_token = ?1, refresh_token = ?2, expires_at = ?3 WHERE id = 'u'",
-                params![t.access_token, t.refresh_token, t.expires_at],
-            )
-            .expect("relink");
+        env.relink("u", Duration::ZERO);
         assert_eq!(env.mock.usable_refresh_tokens("u"), 2, "two grants live");
     };
     let (out, ()) = tokio::join!(remove, relink);
