@@ -214,10 +214,10 @@ async fn token(
             TokenType::User => a.expires_at.map(|e| e - now),
         };
         if !a.state.is_terminal()
-            && let Some(served) = serve(&a, left, min_ttl)
+            && let Some((served, expires_at)) = serve(&a, left, min_ttl)
         {
             tracing::info!(who = %caller.who, account_id = %id,
-                expires_at = a.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+                expires_at = expires_at.as_deref().unwrap_or("never"),
                 min_ttl_s = min_ttl, refreshed = asked, "token served");
             return Ok(served);
         }
@@ -307,8 +307,9 @@ async fn token(
     }
 }
 
-/// The token answer, if `a` has a token with `min_ttl` left.
-fn serve(a: &Current, left: Option<i64>, min_ttl: i64) -> Option<Response> {
+/// The token answer, if `a` has a token with `min_ttl` left, and the expiry it serves (RFC
+/// 3339; `None` for a company token, which does not expire).
+fn serve(a: &Current, left: Option<i64>, min_ttl: i64) -> Option<(Response, Option<String>)> {
     let access = a.access_token.as_ref()?;
     if left? < min_ttl.max(1) {
         return None;
@@ -317,24 +318,30 @@ fn serve(a: &Current, left: Option<i64>, min_ttl: i64) -> Option<Response> {
     struct TokenOut<'a> {
         access_token: &'a str,
         token_type: &'static str,
-        expires_at: Option<String>,
-        scopes: Vec<String>,
+        expires_at: Option<&'a str>,
+        scopes: Vec<&'a str>,
         /// The account's state (a paused profile's account still serves a valid token).
         state: &'static str,
     }
-    Some(json(
+    let expires_at = match a.token_type {
+        TokenType::Company => None,
+        TokenType::User => a.expires_at.map(rfc3339),
+    };
+    let answer = json(
         StatusCode::OK,
         TokenOut {
             access_token: access.expose_secret(),
             token_type: "Bearer",
-            expires_at: match a.token_type {
-                TokenType::Company => None,
-                TokenType::User => a.expires_at.map(rfc3339),
-            },
-            scopes: scope_list(a.scopes.as_deref()),
+            expires_at: expires_at.as_deref(),
+            scopes: a
+                .scopes
+                .as_deref()
+                .map(|s| s.split_whitespace().collect())
+                .unwrap_or_default(),
             state: a.state.as_str(),
         },
-    ))
+    );
+    Some((answer, expires_at))
 }
 
 /// `GET /v1/accounts?state=&profile=&cursor=&limit=`.

@@ -321,6 +321,8 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Print the one line that says why the process exits, as an error priority under journald.
 fn fatal(code: i32, msg: &str) -> i32 {
+    // After every log line before it.
+    crate::telemetry::flush();
     let prefix = if crate::telemetry::stderr_is_journal() {
         "<3>"
     } else {
@@ -336,7 +338,8 @@ fn run(path: &Path) -> i32 {
         Err(e) => return fatal(EXIT_CONFIG, &format!("invalid configuration: {e}")),
     };
     let log = crate::telemetry::init(config.daemon.log_level, config.daemon.log_format);
-    runtime().block_on(async {
+    crate::telemetry::batch();
+    let code = runtime().block_on(async {
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         if let Err(e) = daemon::spawn_signal_handler(shutdown.clone(), reload_tx) {
@@ -354,7 +357,9 @@ fn run(path: &Path) -> i32 {
             Ok(()) => 0,
             Err(e) => fatal(e.exit_code(), &e.to_string()),
         }
-    })
+    });
+    crate::telemetry::flush();
+    code
 }
 
 /// Where the files are, for commands that read them: from the config without its secrets, or,

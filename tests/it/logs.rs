@@ -68,6 +68,38 @@ async fn text_logs_show_rfc3339_times_for_the_line_and_for_unix_time_fields() {
     );
 }
 
+/// The daemon writes its INFO lines in batches (README, "Logs"): they still reach stderr while
+/// it runs, an ERROR line at once, and every line before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_lines_arrive_while_running_and_all_of_them_at_exit() {
+    let env = env_with("").await;
+    let mut bin = env.spawn_binary(&[]);
+    until_refreshed_and_reported(&env).await;
+    // Neither line waits for the exit: the INFO line within the flusher's bound, the ERROR one
+    // (the bad row) with it.
+    eventually(
+        Duration::from_secs(5),
+        "the refresh and the bad row on stderr",
+        || {
+            let text = bin.stderr();
+            text.contains(" refresh account_id=u") && text.contains("ERROR")
+        },
+    )
+    .await;
+    bin.signal("TERM");
+    assert_eq!(bin.wait(Duration::from_secs(10)).await, Some(0));
+    let text = bin.stderr();
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(" INFO tokend stopped "),
+        "the last line is not the stop's: {last:?} in\n{text}"
+    );
+    let stopping = text
+        .lines()
+        .position(|l| l.contains("stopping: letting in-flight refreshes finish"));
+    assert!(stopping.is_some(), "no stopping line in\n{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_flat_objects_with_one_type_per_field() {
     let env = env_with("log_format = \"json\"").await;

@@ -15,10 +15,11 @@
 //! columns are) and are integers; text lines and `MESSAGE` show them as RFC 3339, JSON and the
 //! journal's `TOKEND_…_AT` fields keep the integer.
 //!
-//! The level can change at run time (SIGHUP reload) through [`LogHandle`].
+//! The level can change at run time (SIGHUP reload) through [`LogHandle`]. The daemon's
+//! stderr lines are written in batches ([`lines`]).
 
 use std::fmt;
-use std::io::{IsTerminal, Write as _};
+use std::io::IsTerminal;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
@@ -34,6 +35,10 @@ use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, reload, util::S
 
 use crate::clock::rfc3339;
 use crate::config::{LogFormat, LogLevel};
+
+mod lines;
+
+pub use lines::{FLUSH_EVERY, batch, flush};
 
 /// Where journald listens for native-protocol entries.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
@@ -85,7 +90,7 @@ pub fn init(level: LogLevel, format: LogFormat) -> LogHandle {
             .with_current_span(false)
             .with_span_list(false)
             .with_timer(Rfc3339)
-            .with_writer(std::io::stderr)
+            .with_writer(lines::Stderr)
             .boxed(),
         LogFormat::Text if stderr_is_journal() => match Journald::connect() {
             Some(journald) => journald.boxed(),
@@ -98,15 +103,21 @@ pub fn init(level: LogLevel, format: LogFormat) -> LogHandle {
                 ))
                 .fmt_fields(TextFields)
                 .with_ansi(false)
-                .with_writer(std::io::stderr)
+                .with_writer(lines::Stderr)
                 .boxed(),
         },
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::stderr().is_terminal())
+        LogFormat::Text if std::io::stderr().is_terminal() => tracing_subscriber::fmt::layer()
+            .with_ansi(true)
             .with_target(false)
             .with_timer(Rfc3339)
             .fmt_fields(TextFields)
-            .with_writer(std::io::stderr)
+            .with_writer(lines::Stderr)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .event_format(Plain)
+            .fmt_fields(TextFields)
+            .with_ansi(false)
+            .with_writer(lines::Stderr)
             .boxed(),
     };
     let _ = registry.with(layer).try_init();
@@ -137,6 +148,52 @@ impl FormatTime for Rfc3339 {
         let now = chrono::Utc::now();
         w.write_str(&now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     }
+}
+
+/// The uncoloured line, `2026-12-02T02:10:11.123Z  INFO message key=value…`: what tracing's
+/// default format writes (tokend opens no spans and hides targets), with the time's text up to
+/// the second made once a second per thread rather than for every line.
+struct Plain;
+
+impl<S, N> FormatEvent<S, N> for Plain
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write_time(&mut writer)?;
+        writer.write_str(match *event.metadata().level() {
+            Level::TRACE => " TRACE ",
+            Level::DEBUG => " DEBUG ",
+            Level::INFO => "  INFO ",
+            Level::WARN => "  WARN ",
+            Level::ERROR => " ERROR ",
+        })?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}
+
+/// [`Rfc3339`]'s text, its seconds part kept per thread.
+fn write_time(w: &mut Writer<'_>) -> fmt::Result {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
+    }
+    let now = chrono::Utc::now();
+    let (secs, millis) = (now.timestamp(), now.timestamp_subsec_millis().min(999));
+    SECOND.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = now.format("%Y-%m-%dT%H:%M:%S").to_string();
+        }
+        write!(w, "{text}.{millis:03}Z")
+    })
 }
 
 /// The default field format (`message key=value …`), with unix-time fields as RFC 3339.
@@ -273,8 +330,7 @@ impl<S: Subscriber> Layer<S> for Journald {
         }
         event.record(&mut JournalFields(&mut entry));
         if self.socket.send_to(&entry, &self.path).is_err() {
-            // Not eprintln!: a closed stderr must not panic the daemon from inside a log call.
-            let _ = writeln!(std::io::stderr(), "<{priority}>{line}");
+            lines::put(format!("<{priority}>{line}\n").as_bytes(), priority <= 4);
         }
     }
 }
@@ -372,6 +428,56 @@ mod tests {
             text.contains("refresh next_action_at=2026-11-28T14:15:10Z latency_ms=12"),
             "{text}"
         );
+    }
+
+    /// `Plain` writes what tracing's default format wrote before it (the format operators'
+    /// tools already parse), time aside.
+    #[test]
+    fn plain_lines_read_as_the_default_format() {
+        fn line(plain: bool) -> String {
+            let out = TestWriter::default();
+            let captured = out.0.clone();
+            let builder = tracing_subscriber::fmt()
+                .fmt_fields(TextFields)
+                .with_max_level(Level::TRACE)
+                .with_writer(move || out.clone());
+            let emit = || {
+                tracing::info!(
+                    account_id = "user-1",
+                    next_action_at = 1_795_875_310_i64,
+                    "refresh"
+                );
+                tracing::warn!(error = "boom", "refresh failed");
+                tracing::trace!("trace");
+            };
+            if plain {
+                let s = builder.with_ansi(false).event_format(Plain).finish();
+                tracing::subscriber::with_default(s, emit);
+            } else {
+                let s = builder
+                    .with_ansi(false)
+                    .with_target(false)
+                    .with_timer(Rfc3339)
+                    .finish();
+                tracing::subscriber::with_default(s, emit);
+            }
+            String::from_utf8(captured.lock().expect("lock").clone()).expect("utf8")
+        }
+        let (plain, default) = (line(true), line(false));
+        let times =
+            |text: &str| -> Vec<String> { text.lines().map(|l| l[..24].to_owned()).collect() };
+        let rest =
+            |text: &str| -> Vec<String> { text.lines().map(|l| l[24..].to_owned()).collect() };
+        assert_eq!(rest(&plain), rest(&default));
+        assert_eq!(rest(&plain).len(), 3, "{plain}");
+        for t in times(&plain) {
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(&t).is_ok()
+                    && t.ends_with('Z')
+                    && t.len() == 24,
+                "{t}"
+            );
+        }
     }
 
     #[derive(Clone, Default)]
