@@ -42,9 +42,25 @@ pub struct Api {
 /// Who is asking, and what they may do.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// `uid 1000` on the socket, the token's name over TCP.
-    pub who: String,
+    pub who: Who,
     pub scopes: Scopes,
+}
+
+/// Who a caller is, as audit lines name them: `uid 1000` on the socket, the bearer token's
+/// name over TCP. (Cloned for every request's handler: no text is copied.)
+#[derive(Debug, Clone)]
+pub enum Who {
+    Uid(u32),
+    Token(Arc<str>),
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Uid(uid) => write!(f, "uid {uid}"),
+            Who::Token(name) => f.write_str(name),
+        }
+    }
 }
 
 /// The peer of a socket connection.
@@ -218,7 +234,7 @@ async fn socket_auth(
         Scopes::READ_TOKEN
     };
     req.extensions_mut().insert(Caller {
-        who: format!("uid {uid}"),
+        who: Who::Uid(uid),
         scopes,
     });
     next.run(req).await
@@ -246,7 +262,7 @@ async fn bearer_auth(State(api): State<Arc<Api>>, mut req: Request, next: Next) 
         return ApiError::Unauthorized("unknown bearer token".into()).into_response();
     };
     req.extensions_mut().insert(Caller {
-        who: token.name.clone(),
+        who: Who::Token(token.name.as_str().into()),
         scopes: token.scopes,
     });
     next.run(req).await

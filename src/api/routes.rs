@@ -2,6 +2,7 @@
 //! and never in a log line: each token fetch writes one audit line with who, which account and
 //! the expiry served.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -71,28 +72,27 @@ fn require(caller: &Caller, need: Need) -> Result<(), ApiError> {
 }
 
 /// Query parameters, parsed by hand so a bad one is a JSON 422 naming it.
-fn query(raw: Option<String>, allowed: &[&'static str]) -> Result<Vec<(String, String)>, ApiError> {
-    let pairs: Vec<(String, String)> = match raw.as_deref() {
-        None | Some("") => Vec::new(),
-        Some(q) => serde_urlencoded::from_str(q).map_err(|e| ApiError::Invalid {
-            field: "query".into(),
-            message: e.to_string(),
-        })?,
-    };
-    if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
+/// A query's `name=value` pairs, borrowed from the request where nothing needed decoding.
+type Pairs<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+fn query<'a>(raw: Option<&'a str>, allowed: &[&'static str]) -> Result<Pairs<'a>, ApiError> {
+    // `form_urlencoded` is what `serde_urlencoded` decodes with; it borrows what needs no
+    // decoding, so the usual `?min_ttl=300` costs no allocation but the list's.
+    let pairs: Vec<_> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes()).collect();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !allowed.contains(&k.as_ref())) {
         return Err(ApiError::Invalid {
-            field: k.clone(),
+            field: k.to_string(),
             message: format!("unknown parameter {k:?}; known: {}", allowed.join(", ")),
         });
     }
     Ok(pairs)
 }
 
-fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+fn param<'a>(pairs: &'a [(Cow<'_, str>, Cow<'_, str>)], name: &str) -> Option<&'a str> {
     pairs
         .iter()
         .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+        .map(|(_, v)| v.as_ref())
 }
 
 /// An account as the API shows it: never its tokens.
@@ -177,7 +177,7 @@ async fn token(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     require(&caller, Need::Token)?;
-    let q = query(raw, &["min_ttl"])?;
+    let q = query(raw.as_deref(), &["min_ttl"])?;
     let min_ttl = match param(&q, "min_ttl") {
         None => DEFAULT_MIN_TTL,
         Some(v) => v
@@ -190,8 +190,9 @@ async fn token(
             })?,
     } as i64;
     let s = &api.shared;
-    let max_wait = s.runtime().config.api.max_wait.get();
-    let deadline = tokio::time::Instant::now() + max_wait;
+    let arrived = tokio::time::Instant::now();
+    // Read only when a refresh is needed (the configuration's lock is shared by every fetch).
+    let deadline = || arrived + s.runtime().config.api.max_wait.get();
     let mut asked = false;
     // A row from memory serves or is read again: what cannot be served (a state, a refresh
     // that is not allowed yet) is decided on the database's row, which another tokend may have
@@ -271,7 +272,7 @@ async fn token(
                 reason: format!("no token with {min_ttl} s left yet (state {})", a.state),
             });
         }
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let remaining = deadline().saturating_duration_since(tokio::time::Instant::now());
         match tokio::time::timeout(remaining, api.engine.refresh_now(&id)).await {
             Err(_) => {
                 return Err(ApiError::Unavailable {
@@ -295,7 +296,7 @@ async fn token(
             }
             Ok(OnDemand::HeldElsewhere) => {
                 // Another tokend has it in flight: its answer lands in the row.
-                if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+                if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline() {
                     return Err(ApiError::Unavailable {
                         retry_after: 2,
                         reason: "another tokend is refreshing this account".into(),
@@ -351,7 +352,7 @@ async fn list(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     require(&caller, Need::Read)?;
-    let q = query(raw, &["state", "profile", "cursor", "limit"])?;
+    let q = query(raw.as_deref(), &["state", "profile", "cursor", "limit"])?;
     let state = match param(&q, "state") {
         None => None,
         Some(v) => Some(
@@ -605,7 +606,7 @@ async fn remove(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     require(&caller, Need::Admin)?;
-    let q = query(raw, &["revoke"])?;
+    let q = query(raw.as_deref(), &["revoke"])?;
     let revoke = match param(&q, "revoke") {
         None | Some("false") => false,
         Some("true") => true,

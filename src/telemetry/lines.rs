@@ -12,7 +12,7 @@
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use tracing::{Level, Metadata};
@@ -34,6 +34,7 @@ pub(crate) struct Lines {
     writing: Mutex<()>,
     /// Whether a flusher runs; until one does, every line is written at once.
     batching: AtomicBool,
+    starting: Once,
     sink: fn(&[u8]),
 }
 
@@ -57,6 +58,7 @@ impl Lines {
             arrived: Condvar::new(),
             writing: Mutex::new(()),
             batching: AtomicBool::new(false),
+            starting: Once::new(),
             sink,
         }
     }
@@ -113,22 +115,21 @@ impl Lines {
     /// Start batching (once; later calls do nothing). `false` when the flusher's thread could
     /// not start: lines are then written at once, as before.
     pub(crate) fn start(&'static self) -> bool {
-        if self.batching.load(Ordering::Acquire) {
-            return true;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("tokend-log".into())
-            .spawn(move || self.flusher());
-        if spawned.is_err() {
-            return false;
-        }
-        self.batching.store(true, Ordering::Release);
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            self.flush();
-            previous(info);
-        }));
-        true
+        self.starting.call_once(|| {
+            let spawned = std::thread::Builder::new()
+                .name("tokend-log".into())
+                .spawn(move || self.flusher());
+            if spawned.is_err() {
+                return;
+            }
+            self.batching.store(true, Ordering::Release);
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                self.flush();
+                previous(info);
+            }));
+        });
+        self.batching.load(Ordering::Acquire)
     }
 }
 
