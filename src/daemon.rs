@@ -468,7 +468,7 @@ pub fn spawn_signal_handler(
                 _ if shutdown.is_cancelled() => {
                     // SQLite's WAL keeps the database consistent whatever moment we die at, and
                     // the journal holds every rotated pair not yet stored.
-                    crate::telemetry::flush();
+                    crate::telemetry::finish();
                     eprintln!("tokend: second stop signal, exiting at once");
                     std::process::exit(EXIT_FORCED);
                 }

@@ -313,6 +313,7 @@ fn runtime() -> tokio::runtime::Runtime {
     {
         Ok(rt) => rt,
         Err(e) => {
+            crate::telemetry::finish();
             eprintln!("tokend: cannot start the async runtime: {e}");
             std::process::exit(1);
         }
@@ -338,7 +339,8 @@ fn run(path: &Path) -> i32 {
         Err(e) => return fatal(EXIT_CONFIG, &format!("invalid configuration: {e}")),
     };
     let log = crate::telemetry::init(config.daemon.log_level, config.daemon.log_format);
-    crate::telemetry::batch();
+    // Dropped after the runtime (declared before it), also when a panic unwinds from here.
+    let _batching = crate::telemetry::batch();
     let code = runtime().block_on(async {
         let shutdown = CancellationToken::new();
         let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
@@ -358,7 +360,7 @@ fn run(path: &Path) -> i32 {
             Err(e) => fatal(e.exit_code(), &e.to_string()),
         }
     });
-    crate::telemetry::flush();
+    crate::telemetry::finish();
     code
 }
 

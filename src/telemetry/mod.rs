@@ -38,7 +38,7 @@ use crate::config::{LogFormat, LogLevel};
 
 mod lines;
 
-pub use lines::{FLUSH_EVERY, batch, flush};
+pub use lines::{Batching, FLUSH_EVERY, batch, finish, flush};
 
 /// Where journald listens for native-protocol entries.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
@@ -181,11 +181,14 @@ where
 
 /// [`Rfc3339`]'s text, its seconds part kept per thread.
 fn write_time(w: &mut Writer<'_>) -> fmt::Result {
+    write_time_at(w, chrono::Utc::now())
+}
+
+fn write_time_at(w: &mut Writer<'_>, now: chrono::DateTime<chrono::Utc>) -> fmt::Result {
     use std::cell::RefCell;
     thread_local! {
         static SECOND: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
     }
-    let now = chrono::Utc::now();
     let (secs, millis) = (now.timestamp(), now.timestamp_subsec_millis().min(999));
     SECOND.with_borrow_mut(|(at, text)| {
         if *at != secs {
@@ -448,6 +451,8 @@ mod tests {
                     "refresh"
                 );
                 tracing::warn!(error = "boom", "refresh failed");
+                tracing::error!(error = "worse", "store failed");
+                tracing::debug!(n = 3_u64, ok = true, "debug");
                 tracing::trace!("trace");
             };
             if plain {
@@ -469,13 +474,30 @@ mod tests {
         let rest =
             |text: &str| -> Vec<String> { text.lines().map(|l| l[24..].to_owned()).collect() };
         assert_eq!(rest(&plain), rest(&default));
-        assert_eq!(rest(&plain).len(), 3, "{plain}");
+        assert_eq!(rest(&plain).len(), 5, "{plain}");
         for t in times(&plain) {
             assert!(
                 chrono::DateTime::parse_from_rfc3339(&t).is_ok()
                     && t.ends_with('Z')
                     && t.len() == 24,
                 "{t}"
+            );
+        }
+    }
+
+    /// The per-second text is made again when the second changes, also across minutes and
+    /// days, and reads as `Rfc3339` would write it.
+    #[test]
+    fn line_times_follow_the_clock_across_seconds() {
+        let base = chrono::DateTime::from_timestamp(1_795_910_399, 998_000_000).expect("time");
+        for ms in [0, 1, 2, 3, 500, 1_002, 60_002, 86_400_000, 86_400_000] {
+            let t = base + chrono::Duration::milliseconds(ms);
+            let mut text = String::new();
+            write_time_at(&mut Writer::new(&mut text), t).expect("write");
+            assert_eq!(
+                text,
+                t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "{ms} ms after the base"
             );
         }
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use tokend_mock::MockConfig;
+use tokend_mock::{Endpoint, Fault, MockConfig};
 
 use crate::helpers::{Env, eventually};
 
@@ -68,36 +68,84 @@ async fn text_logs_show_rfc3339_times_for_the_line_and_for_unix_time_fields() {
     );
 }
 
-/// The daemon writes its INFO lines in batches (README, "Logs"): they still reach stderr while
-/// it runs, an ERROR line at once, and every line before the process exits.
+/// Holds the daemon's flusher off for an hour: what reaches stderr was written by the rules
+/// alone (README, "Logs").
+const HELD: (&str, &str) = ("TOKEND_LOG_FLUSH_MS", "3600000");
+
+/// The daemon writes its INFO lines in batches: an ERROR line goes out at once with every line
+/// before it, and the exit writes what still waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_lines_arrive_while_running_and_all_of_them_at_exit() {
+async fn an_error_line_takes_the_waiting_lines_along_and_the_exit_writes_the_rest() {
     let env = env_with("").await;
-    let mut bin = env.spawn_binary(&[]);
+    let mut bin = env.spawn_binary(&[HELD]);
     until_refreshed_and_reported(&env).await;
-    // Neither line waits for the exit: the INFO line within the flusher's bound, the ERROR one
-    // (the bad row) with it.
-    eventually(
-        Duration::from_secs(5),
-        "the refresh and the bad row on stderr",
-        || {
-            let text = bin.stderr();
-            text.contains(" refresh account_id=u") && text.contains("ERROR")
-        },
-    )
+    eventually(Duration::from_secs(5), "the bad row's ERROR line", || {
+        bin.stderr().contains(" ERROR ")
+    })
     .await;
+    // Everything on stderr so far came with an urgent line: it ends with the last one, and
+    // what came before it waited (DEBUG and INFO lines held for an hour otherwise).
+    let running = bin.stderr();
+    let last = running.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(" ERROR ") || last.contains(" WARN "),
+        "a line below WARN was written by itself while running: {last:?} in\n{running}"
+    );
+    assert!(
+        running
+            .lines()
+            .any(|l| l.contains(" DEBUG ") || l.contains(" INFO ")),
+        "the lines before the ERROR did not come with it:\n{running}"
+    );
     bin.signal("TERM");
     assert_eq!(bin.wait(Duration::from_secs(10)).await, Some(0));
     let text = bin.stderr();
-    let last = text.lines().last().unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let last = lines.last().copied().unwrap_or_default();
     assert!(
         last.contains(" INFO tokend stopped "),
         "the last line is not the stop's: {last:?} in\n{text}"
     );
-    let stopping = text
-        .lines()
-        .position(|l| l.contains("stopping: letting in-flight refreshes finish"));
-    assert!(stopping.is_some(), "no stopping line in\n{text}");
+    for waited in [
+        " refresh account_id=u",
+        "stopping: letting in-flight refreshes finish",
+    ] {
+        assert!(text.contains(waited), "{waited:?} never written:\n{text}");
+    }
+}
+
+/// A second stop signal exits at once, and writes the lines still waiting before its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_writes_the_waiting_lines_first() {
+    let env = Env::new(
+        MockConfig::default(),
+        "shutdown_timeout = \"60s\"\nhttp_timeout = \"30s\"\nlease = \"60s\"",
+    )
+    .await;
+    env.add_user("slow", Duration::from_secs(4000));
+    env.mock
+        .push_faults(Endpoint::Token, [Fault::Delay(Duration::from_secs(25))]);
+    let mut bin = env.spawn_binary(&[HELD]);
+    eventually(Duration::from_secs(10), "a refresh in flight", || {
+        env.mock.in_flight() >= 1
+    })
+    .await;
+    bin.signal("TERM");
+    eventually(Duration::from_secs(5), "health says stopping", || {
+        env.health()["status"] == "stopping"
+    })
+    .await;
+    bin.signal("TERM");
+    assert_eq!(bin.wait(Duration::from_secs(3)).await, Some(130));
+    let text = bin.stderr();
+    let at = |what: &str| {
+        text.lines()
+            .position(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("{what:?} never written:\n{text}"))
+    };
+    let forced = at("second stop signal, exiting at once");
+    assert!(at(" INFO tokend started ") < forced);
+    assert!(at("stopping: letting in-flight refreshes finish") < forced);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
