@@ -324,7 +324,8 @@ async fn a_database_replaced_under_the_daemon_stops_it() {
     env.conn()
         .execute("VACUUM INTO ?1", [backup.to_str().expect("path")])
         .expect("backup");
-    let mut bin = env.spawn_binary(&[]);
+    // Log lines held back (README "Logs"): only the fatal exit's flush writes the last INFO ones.
+    let mut bin = env.spawn_binary(&[("TOKEND_LOG_FLUSH_MS", "3600000")]);
     eventually(Duration::from_secs(10), "refreshed", || {
         env.mock.account("u").grants >= 1
     })
@@ -334,6 +335,15 @@ async fn a_database_replaced_under_the_daemon_stops_it() {
     let stderr = bin.stderr();
     assert_eq!(code, Some(74), "{stderr}");
     assert!(stderr.contains("replaced or removed"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    let stopped = lines
+        .iter()
+        .position(|l| l.contains(" INFO tokend stopped "));
+    assert!(
+        stopped.is_some_and(|i| i + 1 == lines.len() - 1)
+            && lines.last().is_some_and(|l| l.starts_with("tokend: ")),
+        "the exit's own line is not last, right after the INFO lines before it:\n{stderr}"
+    );
     assert_eq!(env.health()["status"], "failing", "{}", env.health());
     // Restarted (as systemd would), it runs on the restored file.
     let mut bin = env.spawn_binary(&[]);
