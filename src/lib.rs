@@ -50,3 +50,9 @@ pub mod unlink;
 /// A map for keys looked up on every refresh (profile names, account ids): foldhash, seeded
 /// per process, instead of SipHash (measured at a few thousand instructions per refresh).
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Lock a mutex whose data a panic elsewhere cannot leave inconsistent: a poisoned lock is
+/// taken all the same.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -23,7 +23,7 @@ mod sql;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -31,6 +31,7 @@ use secrecy::SecretString;
 use tokio::sync::oneshot;
 
 use crate::config::TokenType;
+use crate::lock;
 use crate::state::State;
 pub use cache::Current;
 use cache::RowCache;
@@ -545,10 +546,6 @@ struct Worker {
     queue: Arc<Mutex<Queue>>,
     conn: Arc<Mutex<Conn>>,
     name: &'static str,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Worker {

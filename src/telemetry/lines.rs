@@ -17,6 +17,8 @@ use std::sync::{Condvar, Mutex, MutexGuard, Once};
 use std::time::Duration;
 
 use tracing::{Level, Metadata};
+
+use crate::lock;
 use tracing_subscriber::fmt::MakeWriter;
 
 /// The longest a line below WARN waits before it is written.
@@ -51,11 +53,6 @@ fn stderr(bytes: &[u8]) {
 
 /// stderr's lines.
 static STDERR: Lines = Lines::new(stderr);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding these leaves only bytes behind: keep logging.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Lines {
     pub(crate) const fn new(sink: fn(&[u8])) -> Lines {

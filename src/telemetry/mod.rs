@@ -38,7 +38,7 @@ use crate::config::{LogFormat, LogLevel};
 
 mod lines;
 
-pub use lines::{Batching, FLUSH_EVERY, batch, finish, flush};
+pub use lines::{Batching, batch, finish, flush};
 
 /// Where journald listens for native-protocol entries.
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
