@@ -2,12 +2,12 @@
 //!
 //! Every token fetch writes an audit line, tens of thousands a second under load; one `write`
 //! each (and stderr's lock) cost more than the fetch itself. While the daemon runs, lines below
-//! WARN wait in memory for at most [`FLUSH_EVERY`] (or until [`HIGH_WATER`] bytes wait) and go
-//! out together; a WARN or ERROR line goes out at once, behind every line before it, so the
+//! WARN wait in memory until the flusher writes them, [`FLUSH_EVERY`] after the first of a
+//! batch (sooner when [`HIGH_WATER`] bytes wait), and go out together; a WARN or ERROR line goes out at once, behind every line before it, so the
 //! order on stderr is the order of the events. The daemon writes what waits before it exits
 //! (any exit: returning, a fatal error, a second stop signal, a panic), and from then on every
 //! line at once; so only a signal tokend does not handle (SIGKILL, the watchdog's SIGABRT) or a
-//! crash of the machine can lose lines: those of the last [`FLUSH_EVERY`] below WARN.
+//! crash of the machine can lose lines: those still waiting, about the last [`FLUSH_EVERY`].
 //!
 //! Outside the daemon (the CLI's commands, tests), nothing waits: every line is written at once.
 
@@ -242,10 +242,10 @@ mod tests {
     }
 
     /// With a flusher that would wait an hour, only the rules write: an urgent line takes the
-    /// others along in one write, the high-water mark writes the batch, `finish` writes what
-    /// waits and every line after it at once.
+    /// others along in one write, the high-water mark writes the batch, a panic writes what
+    /// waits, `finish` writes what waits and every line after it at once.
     #[test]
-    fn urgent_lines_the_high_water_mark_and_finish_write_everything_in_order() {
+    fn urgent_lines_the_high_water_mark_a_panic_and_finish_write_everything_in_order() {
         HELD.put(b"before\n", false);
         assert_eq!(
             text(&HELD_SEEN),
@@ -277,6 +277,15 @@ mod tests {
             text(&HELD_SEEN).len(),
             before + (HIGH_WATER / 1023 + 1) * 1023,
             "the line that crosses the mark writes the batch"
+        );
+
+        // A panic on any thread writes what waits before its own message.
+        HELD.put(b"panicking\n", false);
+        let panicked = std::panic::catch_unwind(|| panic!("a panic while lines wait"));
+        assert!(panicked.is_err());
+        assert!(
+            text(&HELD_SEEN).ends_with("panicking\n"),
+            "the panic hook did not write the waiting line"
         );
 
         HELD.put(b"three\n", false);
