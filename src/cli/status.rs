@@ -25,11 +25,13 @@ pub(super) fn main(path: &Path, json: bool, health_file: Option<PathBuf>, livene
     let age = now - h.updated_at;
     let stale = h.stopped_at.is_none() && age > 3 * h.heartbeat_s.max(1) as i64;
     if liveness {
-        // Alive: not stopped, the file is fresh, and the engine loop turned recently.
+        // Alive: not stopped, the file is fresh, and the engine loop turned recently. Before its
+        // first turn is on file, a daemon counts from its start: one that just started (the
+        // file written at start has no turn yet) has not stalled.
         let progress = h.progress_at.map(|t| now - t);
         let alive = h.stopped_at.is_none()
             && !stale
-            && progress.is_some_and(|p| p <= STALL + h.heartbeat_s as i64);
+            && progress.unwrap_or(now - h.started_at) <= STALL + h.heartbeat_s as i64;
         if json {
             println!(
                 "{}",

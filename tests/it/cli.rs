@@ -6,6 +6,48 @@ use tokend_mock::MockConfig;
 
 use crate::helpers::{Env, SECRET, eventually};
 
+/// `status --liveness` on health files as a daemon writes them: the one written at start has no
+/// engine turn yet, and a daemon that just started is alive; one that started long ago and never
+/// turned, or turned long ago, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_counts_a_daemon_that_just_started_as_alive() {
+    let env = Env::new(MockConfig::default(), "").await;
+    env.add_user("u", Duration::from_secs(4000));
+    let mut bin = env.spawn_binary(&[]);
+    eventually(Duration::from_secs(10), "a health file", || {
+        env.health()["pid"].is_number()
+    })
+    .await;
+    bin.signal("TERM");
+    assert_eq!(bin.wait(Duration::from_secs(10)).await, Some(0));
+    let written = env.health();
+    let now = chrono::Utc::now().timestamp();
+    let liveness = |started_ago: i64, turned_ago: Option<i64>| {
+        let mut h = written.clone();
+        h["stopped_at"] = serde_json::Value::Null;
+        h["updated_at"] = now.into();
+        h["started_at"] = (now - started_ago).into();
+        h["progress_at"] = turned_ago.map_or(serde_json::Value::Null, |a| (now - a).into());
+        let path = env.dir.path().join("edited-health.json");
+        std::fs::write(&path, h.to_string()).expect("write");
+        let p = path.to_str().expect("path");
+        let out = env.tokend(&["status", "--liveness", "--health-file", p]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = liveness(1, None);
+    assert_eq!(code, Some(0), "just started, no turn on file yet: {out}");
+    let (code, out) = liveness(3600, None);
+    assert_eq!(code, Some(1), "started an hour ago, never turned: {out}");
+    assert!(out.contains("never"), "{out}");
+    let (code, out) = liveness(3600, Some(2));
+    assert_eq!(code, Some(0), "turned 2 s ago: {out}");
+    let (code, out) = liveness(3600, Some(600));
+    assert_eq!(code, Some(1), "last turned 10 minutes ago: {out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_is_all_or_nothing_and_names_bad_rows() {
     let env = Env::new(MockConfig::default(), "").await;
