@@ -673,6 +673,10 @@ impl Store {
         let warnings = schema::prepare_file(path)?;
         let mut conn = schema::open_writer(path, busy)?;
         schema::migrate(&mut conn, path)?;
+        schema::own_writes_without_triggers(&conn).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            message: format!("cannot set up the writer's connection: {e}"),
+        })?;
         let identity = Identity::of(path).ok();
         let reader = schema::open_reader(path)?;
         let cache = Arc::new(RowCache::default());
@@ -1220,6 +1224,7 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::config::DbConfig;
 
     async fn synchronous_in(store: &Store, unsynced: bool) -> i64 {
         let q = |c: &mut Connection| -> Result<i64, StoreError> {
@@ -1304,6 +1309,92 @@ mod tests {
         assert!(store.get("u").await.expect("get").is_some());
         assert_eq!(holding("r2").await.expect("remove"), Unlinked::Removed);
         assert_eq!(holding("r2").await.expect("remove"), Unlinked::Missing);
+    }
+
+    /// tokend's writer runs without the schema's triggers (its own writes bump `revision`, so
+    /// they would do nothing), but linking and relinking write as another program would and go
+    /// through them: the row is scheduled, a dead grant's state is reset, the event recorded.
+    #[tokio::test]
+    async fn linking_and_relinking_go_through_the_schema_triggers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let (store, _) = Store::open(&path).expect("open");
+        let other = Connection::open(&path).expect("open");
+        type Seen = (
+            String,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+        );
+        let row = || -> Seen {
+            other
+                .query_row(
+                    "SELECT state, next_action_at, refresh_issued_at, lease_owner, attempt_id
+                     FROM accounts WHERE id = 'u'",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .expect("row")
+        };
+        let kill = || {
+            other
+                .execute(
+                    "UPDATE accounts SET state = 'needs_reauth', next_action_at = NULL,
+                        lease_owner = 'x', lease_until = 9, attempt_id = 5, revision = revision + 1
+                     WHERE id = 'u'",
+                    [],
+                )
+                .expect("update");
+        };
+        let resets = || -> i64 {
+            other
+                .query_row(
+                    "SELECT count(*) FROM account_events WHERE account_id = 'u'
+                       AND from_state = 'needs_reauth' AND to_state = 'active'
+                       AND reason = 'new grant written'",
+                    [],
+                    |r| r.get(0),
+                )
+                .expect("events")
+        };
+        store
+            .link(vec![user("u", "a1", "r1")], false, 0)
+            .await
+            .expect("link");
+        let (state, next, issued, _, _) = row();
+        assert_eq!((state.as_str(), next), ("active", Some(0)));
+        assert!(issued.is_some(), "accounts_linked dates the refresh token");
+
+        kill();
+        store
+            .link(vec![user("u", "a2", "r2")], true, 0)
+            .await
+            .expect("link again");
+        assert_eq!(
+            row(),
+            ("active".into(), Some(0), issued, None, None),
+            "a replaced grant is live again, unleased, and evaluated at once"
+        );
+        assert_eq!(resets(), 1);
+
+        kill();
+        assert!(
+            store
+                .relink(user("u", "a3", "r3"), 0)
+                .await
+                .expect("relink")
+        );
+        assert_eq!(row().0, "active");
+        assert_eq!(row().1, Some(0));
+        assert_eq!(resets(), 2);
+
+        let on = store
+            .writer
+            .run(|c| Ok(c.conn.db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER)?))
+            .await
+            .expect("db_config");
+        assert!(!on, "the writer's own writes run without triggers");
     }
 
     fn user(id: &str, access: &str, refresh: &str) -> NewAccount {

@@ -989,7 +989,18 @@ pub(super) fn recent_events(
     Ok(out)
 }
 
+/// Link accounts through the schema's triggers, as another program's INSERT or UPDATE would
+/// (they schedule the row, reset a grant's state, record the event).
 pub(super) fn link(
+    c: &mut Connection,
+    accounts: &[NewAccount],
+    replace: bool,
+    now: i64,
+) -> Result<Linked, StoreError> {
+    super::schema::with_triggers(c, |c| link_rows(c, accounts, replace, now))
+}
+
+fn link_rows(
     c: &mut Connection,
     accounts: &[NewAccount],
     replace: bool,
@@ -1046,7 +1057,12 @@ pub(super) fn link(
     })
 }
 
+/// Write a new grant through the schema's triggers (see [`link`]).
 pub(super) fn relink(c: &mut Connection, a: &NewAccount, now: i64) -> Result<bool, StoreError> {
+    super::schema::with_triggers(c, |c| relink_row(c, a, now))
+}
+
+fn relink_row(c: &mut Connection, a: &NewAccount, now: i64) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE accounts SET access_token = ?2, refresh_token = ?3, expires_at = ?4,
             scopes = COALESCE(?5, scopes), updated_at = ?6
